@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random Stable Diffusion models in the published layout, built in seconds on CPU."""
+import json
+
+import pytest
+import torch
+
+from nanoddpo.model import StableDiffusion, load_tokenizer
+
+# The same architecture as SD v1-4 (see ../shared/reference/sd-v1-4/), shrunk: 2 UNet levels, 2 VAE levels, 2 text layers.
+TINY_UNET = {
+    "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 8,
+    "norm_eps": 1e-5, "cross_attention_dim": 32, "in_channels": 4, "out_channels": 4, "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "center_input_sample": False,
+    "mid_block_scale_factor": 1,
+}
+TINY_VAE = {
+    "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4,
+    "in_channels": 3, "out_channels": 3, "act_fn": "silu", "sample_size": 16, "scaling_factor": 0.18215,
+    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
+TINY_TEXT = {
+    "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 2,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,  # overwritten with the tokenizer's ids below
+}
+
+
+def bytes_to_unicode():
+    """CLIP's byte-level BPE alphabet: every byte gets a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return dict(zip(printable + extra, [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]))
+
+
+def write_tiny_tokenizer(folder, merges=("r e", "re d</w>", "c a", "ca t</w>")):
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def make_tiny_sd(tmp_path, seed=0):
+    vocab_size = write_tiny_tokenizer(tmp_path / "tok")
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    text = dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    sd = StableDiffusion(TINY_UNET, TINY_VAE, text, tokenizer)
+    # Default init leaves the output convs tiny; scale everything up a little so outputs are far from zero
+    # and relative errors in parity tests measure real agreement.
+    with torch.no_grad():
+        for p in sd.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return sd
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random SD model folder in the published layout."""
+    root = tmp_path_factory.mktemp("tiny_sd")
+    make_tiny_sd(root).save_pretrained(root / "model")
+    return root / "model"

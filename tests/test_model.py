@@ -1,0 +1,180 @@
+"""The model stack (nanoddpo/model.py): tokenization, parity with the reference libraries, strict loading, bad files."""
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoddpo.model import LoadError, StableDiffusion
+from conftest import TINY_UNET, TINY_VAE
+
+
+def rel_err(ours, ref):
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_model_dir):
+    return StableDiffusion.from_pretrained(tiny_model_dir)
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --- tokenization --------------------------------------------------------------------------------------------------
+
+def test_tokenize_pads_and_truncates_like_sd(sd):
+    tok = sd.tokenizer
+    ids = sd.tokenize(["a red cat", ""])
+    assert ids.shape == (2, 77) and ids.dtype == torch.long
+    assert ids[0, :5].tolist() == [tok.bos_token_id, *tok("a red cat", add_special_tokens=False).input_ids, tok.eos_token_id]
+    assert (ids[0, 5:] == tok.pad_token_id).all() and ids[1, 0] == tok.bos_token_id
+    with pytest.warns(UserWarning, match="truncated"):
+        long_ids = sd.tokenize(["cat " * 100])
+    assert long_ids.shape == (1, 77) and long_ids[0, -1] == tok.eos_token_id
+
+
+# --- parity with the reference implementations (float32) ----------------------------------------------------------
+
+def test_text_encoder_matches_transformers(sd):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ref = CLIPTextModel(CLIPTextConfig(**sd.text_encoder.cfg)).eval()
+    ours = sd.text_encoder.state_dict()
+    if "text_model.final_layer_norm.weight" not in ref.state_dict():  # transformers 5 dropped the prefix in memory
+        ours = {k.removeprefix("text_model."): v for k, v in ours.items()}
+    ref.load_state_dict(ours)
+    ids = sd.tokenize(["a red cat", "cat", ""])
+    with torch.no_grad():
+        assert rel_err(sd.text_encoder(ids), ref(ids).last_hidden_state) < 1e-5
+
+
+def test_unet_matches_diffusers(sd):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    ref.load_state_dict(sd.unet.state_dict())
+    torch.manual_seed(0)
+    x, context = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 32)
+    with torch.no_grad():
+        for t in (torch.tensor([981, 500, 1]), torch.tensor(421), 21):  # (B,), 0-d and Python number
+            assert rel_err(sd.unet(x, t, context), ref(x, t, context).sample) < 1e-5
+
+
+def test_vae_matches_diffusers(sd):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.AutoencoderKL(**TINY_VAE).eval()
+    ref.load_state_dict(sd.vae.state_dict())
+    torch.manual_seed(0)
+    images, z = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert rel_err(sd.vae.encode(images), ref.encode(images).latent_dist.mean) < 1e-5
+        assert rel_err(sd.vae.decode(z), ref.decode(z).sample) < 1e-5
+        out = sd.decode_latents(z)
+    assert out.min() >= 0 and out.max() <= 1 and out.shape == (2, 3, 16, 16)
+
+
+# --- loading: every published naming, every dtype ------------------------------------------------------------------
+
+def test_round_trip_is_exact(sd, tiny_model_dir, tmp_path):
+    sd.save_pretrained(tmp_path / "again")
+    again = StableDiffusion.from_pretrained(tmp_path / "again")
+    for a, b in zip(sd.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_legacy_vae_attention_names_and_text_encoder_without_prefix(sd, tiny_model_dir, tmp_path):
+    root = copy_model(tiny_model_dir, tmp_path / "old")
+    vae_file = root / "vae" / "diffusion_pytorch_model.safetensors"
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, value in load_file(vae_file).items():
+        for new, old in legacy.items():
+            if "mid_block.attentions" in key and f".{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                value = value[..., None, None] if value.ndim == 2 else value  # the oldest files stored 1x1 convs
+        renamed[key] = value
+    assert any(".query." in k for k in renamed)
+    save_file(renamed, vae_file)
+    te_file = root / "text_encoder" / "model.safetensors"
+    te = {k.removeprefix("text_model."): v for k, v in load_file(te_file).items()}
+    te["embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(te, te_file)
+
+    old = StableDiffusion.from_pretrained(root)
+    for a, b in zip(sd.state_dict().values(), old.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_variant_files(sd, tiny_model_dir, tmp_path, dtype):
+    root = copy_model(tiny_model_dir, tmp_path / "fp16")
+    for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        full = root / name / f"{stem}.safetensors"
+        save_file({k: v.half() for k, v in load_file(full).items()}, root / name / f"{stem}.fp16.safetensors")
+        full.unlink()
+    half = StableDiffusion.from_pretrained(root, dtype=dtype)
+    assert half.dtype == dtype and all(p.dtype == dtype for p in half.parameters())
+    w, w_half = sd.unet.conv_in.weight, half.unet.conv_in.weight
+    assert torch.equal(w_half, w.half().to(dtype))
+
+
+# --- bad inputs: a short, clear error naming what is wrong ----------------------------------------------------------
+
+def test_missing_path_and_folders(tiny_model_dir, tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        StableDiffusion.from_pretrained(tmp_path / "nowhere")
+    root = copy_model(tiny_model_dir, tmp_path / "novae")
+    shutil.rmtree(root / "vae")
+    with pytest.raises(LoadError, match="no vae/ folder"):
+        StableDiffusion.from_pretrained(root)
+
+
+def test_truncated_unet_file(tiny_model_dir, tmp_path):
+    root = copy_model(tiny_model_dir, tmp_path / "cut")
+    f = root / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LoadError, match="truncated.*unet"):
+        StableDiffusion.from_pretrained(root)
+    f.write_bytes(b"\x00" * 4)
+    with pytest.raises(LoadError, match="not a safetensors file"):
+        StableDiffusion.from_pretrained(root)
+
+
+def test_extra_unknown_tensor(tiny_model_dir, tmp_path):
+    root = copy_model(tiny_model_dir, tmp_path / "extra")
+    f = root / "text_encoder" / "model.safetensors"
+    tensors = load_file(f)
+    tensors["text_model.mystery.weight"] = torch.zeros(3)
+    save_file(tensors, f)
+    with pytest.raises(LoadError, match=r"text_encoder.*1 tensors the model does not have \(first: text_model.mystery"):
+        StableDiffusion.from_pretrained(root)
+
+
+def test_config_with_wrong_channels(tiny_model_dir, tmp_path):
+    root = copy_model(tiny_model_dir, tmp_path / "wrongcfg")
+    cfg = json.loads((root / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [64, 64]
+    (root / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="shapes that do not match the config.*conv_in.weight"):
+        StableDiffusion.from_pretrained(root)
+
+
+def test_tokenizer_missing_merges(tiny_model_dir, tmp_path):
+    root = copy_model(tiny_model_dir, tmp_path / "nomerges")
+    (root / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(LoadError, match="merges.txt"):
+        StableDiffusion.from_pretrained(root)
+
+
+# --- ready for speed ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_unet_compiles_fullgraph(sd):
+    compiled = torch.compile(sd.unet, fullgraph=True)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([981, 1])
+    with torch.no_grad():
+        assert rel_err(compiled(x, t, context), sd.unet(x, t, context)) < 1e-5
