@@ -14,6 +14,7 @@ from each component's config.json, so the same code builds SD v1-4 and the tiny 
 
     sd = StableDiffusion.from_pretrained("weights/stable-diffusion-v1-4", device="cuda", dtype=torch.float16)
 """
+import hashlib
 import json
 import math
 import os
@@ -584,6 +585,29 @@ def save_json(obj, path):
     os.replace(tmp, path)
 
 
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def resolve_model(path=None):
+    """The model folder the scripts use: `path` if given (it must exist: never a silent fallback), else
+    weights/stable-diffusion-v1-4 when it has been downloaded, else the bundled tiny model weights/tiny."""
+    if path:
+        if not Path(path).is_dir():
+            raise LoadError(f"model folder {path} does not exist. {HOW_TO_GET}")
+        return Path(path)
+    full = WEIGHTS / "stable-diffusion-v1-4"
+    return full if full.is_dir() else WEIGHTS / "tiny"
+
+
+def fingerprint(path):
+    """A short id of a model folder's UNet (config + weights file size), stored with checkpoints so that a checkpoint
+    is never applied to a different base model."""
+    unet = Path(path) / "unet"
+    config = (unet / "config.json").read_bytes()
+    weights = weights_file(unet, "diffusion_pytorch_model")
+    return hashlib.sha256(config + str(weights.stat().st_size).encode()).hexdigest()[:16]
+
+
 # -----------------------------------------------------------------------------
 # The three networks together, with the tokenizer and the latent scaling
 
@@ -636,7 +660,7 @@ class StableDiffusion(nn.Module):
         sd = cls(*cfgs, load_tokenizer(root / "tokenizer"), init=False)
         for name, stem, _, _ in COMPONENTS:
             load_weights(getattr(sd, name), weights_file(root / name, stem), dtype, device, RENAMES[name])
-        sd.path = str(root)
+        sd.path, sd.fingerprint = str(root), fingerprint(root)
         return sd.eval().requires_grad_(False)
 
     def save_pretrained(self, path):
