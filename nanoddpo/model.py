@@ -599,13 +599,12 @@ def resolve_model(path=None):
     return full if full.is_dir() else WEIGHTS / "tiny"
 
 
-def fingerprint(path):
-    """A short id of a model folder's UNet (config + weights file size), stored with checkpoints so that a checkpoint
-    is never applied to a different base model."""
-    unet = Path(path) / "unet"
-    config = (unet / "config.json").read_bytes()
-    weights = weights_file(unet, "diffusion_pytorch_model")
-    return hashlib.sha256(config + str(weights.stat().st_size).encode()).hexdigest()[:16]
+def fingerprint(unet_cfg):
+    """A short id of a UNet architecture, stored with checkpoints so that one is never applied to another base model.
+    Same for the fp32 and fp16 files of one model; it cannot tell apart two models of one architecture (v1-4, v1-5)."""
+    keys = ("block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim", "in_channels",
+            "sample_size", "down_block_types", "up_block_types", "norm_num_groups")
+    return hashlib.sha256(json.dumps({k: unet_cfg.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -660,7 +659,7 @@ class StableDiffusion(nn.Module):
         sd = cls(*cfgs, load_tokenizer(root / "tokenizer"), init=False)
         for name, stem, _, _ in COMPONENTS:
             load_weights(getattr(sd, name), weights_file(root / name, stem), dtype, device, RENAMES[name])
-        sd.path, sd.fingerprint = str(root), fingerprint(root)
+        sd.path, sd.fingerprint = str(root), fingerprint(cfgs[0])
         return sd.eval().requires_grad_(False)
 
     def save_pretrained(self, path):
