@@ -1,0 +1,289 @@
+"""Rewards: jpeg sizes, the aesthetic scorer, LLaVA + BERTScore alignment, prompt sets and the async wrapper.
+
+The learned rewards run on tiny random CLIP, LLaVA and DeBERTa models built here and saved with save_pretrained, so the
+real loading path is exercised without downloads. Run: pytest tests/test_rewards.py
+(the BERTScore oracle test needs `pip install bert-score` and is skipped without it).
+"""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nanoddpo.prompts import PROMPTS, animals_activities, simple_animals
+from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
+
+RNG = np.random.default_rng(0)
+
+
+def random_images(n, h=64, w=64):
+    return RNG.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# jpeg rewards and the registry
+
+def test_jpeg_rewards_rank_flat_above_noise():
+    flat = np.full((1, 64, 64, 3), 128, dtype=np.uint8)
+    images = np.concatenate([flat, random_images(1)])
+    compress = get_reward("jpeg")(images, ["a", "b"])
+    incompress = get_reward("jpeg-incompressibility")(images, ["a", "b"])
+    assert compress.shape == (2,) and compress.dtype == np.float32
+    assert compress[0] > compress[1]  # the flat image is smaller, so less negative
+    assert incompress[1] > incompress[0]
+    np.testing.assert_array_equal(compress, -incompress)
+
+
+def test_unknown_reward_lists_choices():
+    with pytest.raises(ValueError) as err:
+        get_reward("nope")
+    for name in ["jpeg", "jpeg-incompressibility", "aesthetic", "alignment"]:
+        assert name in REWARDS and name in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prompts
+
+def test_prompt_sets():
+    animals, activities = simple_animals(), animals_activities()
+    assert len(animals) == len(set(animals)) == 45 and len(activities) == len(set(activities)) == 135
+    assert "a cat" in animals and "an ant" in animals and "a ant" not in animals
+    assert "an ant riding a bike" in activities and "a hedgehog playing chess" in activities
+    assert all(p.split()[0] in ("a", "an") for p in animals + activities)
+    assert PROMPTS["simple_animals"]() == animals and PROMPTS["animals_activities"]() == activities
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AsyncReward
+
+def test_async_reward_keeps_batches_paired():
+    delays = [0.08, 0.0, 0.05, 0.01, 0.03]  # some later batches finish faster, so a mix-up would show
+
+    def score(images, prompts):  # depends on every pixel and every prompt
+        return np.array([img.mean() + len(p) for img, p in zip(images, prompts)], dtype=np.float32)
+
+    def slow_reward(images, prompts):
+        time.sleep(delays[int(images[0, 0, 0, 0])])
+        return score(images, prompts)
+
+    scorer = AsyncReward(slow_reward)
+    buffer = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    expected, futures = [], []
+    for k in range(len(delays)):
+        buffer[:] = RNG.integers(0, 256, buffer.shape)
+        buffer[0, 0, 0, 0] = k
+        prompts = [f"batch {k} image {i}" + "!" * RNG.integers(10) for i in range(3)]
+        expected.append(score(buffer, prompts))
+        futures.append(scorer.submit(buffer, prompts))  # the buffer is overwritten next: submit must copy it
+    for future, want in zip(futures, expected):
+        np.testing.assert_array_equal(future.result(timeout=10), want)
+    scorer.close()
+
+
+def test_async_reward_raises_in_caller():
+    def broken(images, prompts):
+        raise RuntimeError("reward failed")
+
+    scorer = AsyncReward(broken)
+    with pytest.raises(RuntimeError, match="reward failed"):
+        scorer.submit(random_images(1), ["a"]).result(timeout=10)
+    scorer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# aesthetic
+
+PUBLISHED_MLP_KEYS = [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
+
+
+@pytest.fixture(scope="module")
+def tiny_aesthetic(tmp_path_factory):
+    """A tiny random CLIP (projection to 768, as ViT-L/14) and a random predictor saved as the published .pth."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from nanoddpo.learned_rewards import AestheticMLP
+    folder = tmp_path_factory.mktemp("aesthetic")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(tower, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(tower, image_size=224, patch_size=32), projection_dim=768)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder / "clip")
+    mlp = AestheticMLP()
+    with torch.no_grad():  # default init shrinks through five layers; make the score vary visibly between images
+        for p in mlp.parameters():
+            p.mul_(4.0)
+    torch.save(mlp.state_dict(), folder / "mlp.pth")
+    return folder
+
+
+def test_aesthetic_mlp_has_published_names(tiny_aesthetic):
+    from nanoddpo.learned_rewards import AestheticMLP
+    state = torch.load(tiny_aesthetic / "mlp.pth", weights_only=True)
+    assert list(state) == PUBLISHED_MLP_KEYS
+    assert [tuple(state[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)] == [
+        (1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    mlp = AestheticMLP.load(tiny_aesthetic / "mlp.pth")  # strict
+    for key, value in mlp.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        torch.save(dict(state, extra=torch.zeros(1)), tiny_aesthetic / "bad.pth")
+        AestheticMLP.load(tiny_aesthetic / "bad.pth")
+
+
+def test_clip_preprocess_matches_clip_image_processor():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from nanoddpo.learned_rewards import CLIP_STD, clip_preprocess
+    processor = CLIPImageProcessorPil()  # defaults are openai/clip-vit-large-patch14's preprocessor_config.json
+    one_level = 1 / 255 / min(CLIP_STD)
+    for h, w in [(512, 512), (300, 400), (250, 200)]:
+        images = random_images(2, h, w)  # noise: the hardest case for resampling
+        want = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        got = clip_preprocess(images)
+        assert got.shape == want.shape == (2, 3, 224, 224)
+        diff = (got - want).abs()
+        assert diff.max() <= one_level + 1e-5  # at most one grey level apart ...
+        assert (diff > 1e-5).float().mean() < 2e-3  # ... and only on a handful of pixels
+
+
+def test_aesthetic_reward_matches_transformers_pipeline(tiny_aesthetic):
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from nanoddpo.learned_rewards import AestheticMLP, AestheticReward
+    reward = AestheticReward(tiny_aesthetic / "clip", tiny_aesthetic / "mlp.pth", device="cpu", dtype=torch.float32)
+    images = random_images(3, 128, 96)
+    scores = reward(images, ["a cat"] * 3)
+    assert scores.shape == (3,) and scores.dtype == np.float32
+    # the same score through transformers' own preprocessing and CLIPModel.get_image_features
+    clip = CLIPModel.from_pretrained(tiny_aesthetic / "clip").eval()
+    pixels = CLIPImageProcessor()(images=list(images), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embed = clip.get_image_features(pixel_values=pixels).pooler_output
+        want = AestheticMLP.load(tiny_aesthetic / "mlp.pth")(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)
+    assert want.std() > 0.01  # the images get distinguishable scores, so the comparison means something
+    np.testing.assert_allclose(scores, want.numpy(), atol=2e-3 * float(want.abs().max()))
+    # batching and determinism: a batch of 3 equals three batches of 1, and a second call equals the first
+    singles = np.concatenate([reward(images[i:i + 1], ["a cat"]) for i in range(3)])
+    np.testing.assert_allclose(singles, scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reward(images, ["a cat"] * 3), scores)
+
+
+def test_aesthetic_missing_weights_error(tmp_path, tiny_aesthetic):
+    from nanoddpo.learned_rewards import AestheticReward
+    with pytest.raises(FileNotFoundError, match="clip-vit-large-patch14") as err:
+        AestheticReward(tmp_path / "clip-vit-large-patch14", tiny_aesthetic / "mlp.pth", device="cpu")
+    assert str(tmp_path / "clip-vit-large-patch14") in str(err.value) and "hf download" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="improved-aesthetic-predictor") as err:
+        AestheticReward(tiny_aesthetic / "clip", tmp_path / "sac+logos+ava1-l14-linearMSE.pth", device="cpu")
+    assert "wget" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# alignment: BERTScore and LLaVA
+
+@pytest.fixture(scope="module")
+def tiny_deberta(tmp_path_factory):
+    """A tiny random DeBERTa (v1, relative attention, as deberta-xlarge-mnli) with a byte-level BPE tokenizer."""
+    from tokenizers import pre_tokenizers
+    from transformers import DebertaConfig, DebertaModel, DebertaTokenizer
+    folder = tmp_path_factory.mktemp("deberta")
+    merges = ["Ġ c", "a t", "Ġc at", "Ġ a", "i n", "Ġ t", "h e", "Ġt he"]
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab += ["".join(m.split()) for m in merges]
+    DebertaTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
+                     model_max_length=512).save_pretrained(folder)
+    config = DebertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, relative_attention=True,
+                           pos_att_type=["c2p", "p2c"], max_relative_positions=-1, position_biased_input=False,
+                           pad_token_id=0, type_vocab_size=0)
+    torch.manual_seed(0)
+    DebertaModel(config).save_pretrained(folder)
+    return folder
+
+
+CANDIDATES = ["a cat riding a bike", "ant", "the cat", "dog dog dog playing chess in the kitchen", "x"]
+REFERENCES = ["The image contains a cat riding a bike", "The image contains an ant", "The image contains a cat",
+              "The image contains a dog playing chess", "The image contains a fish"]
+
+
+def test_bertscore_identical_texts_score_one(tiny_deberta):
+    from nanoddpo.learned_rewards import BERTScore
+    bertscore = BERTScore(tiny_deberta, layer=2, device="cpu")
+    np.testing.assert_allclose(bertscore.recall(REFERENCES, REFERENCES), 1.0, atol=1e-5)
+    recall = bertscore.recall(CANDIDATES, REFERENCES)
+    assert recall.shape == (5,) and recall.dtype == np.float32 and (recall < 0.999).all()
+    assert bertscore.recall([""], ["The image contains a cat"])[0] == 0  # bert-score's rule for an empty answer
+    assert len(bertscore.model.encoder.layer) == 2  # the blocks above the scored layer are dropped
+
+
+def test_bertscore_matches_bert_score_package(tiny_deberta):
+    bert_score = pytest.importorskip("bert_score")
+    from nanoddpo.learned_rewards import BERTScore
+    ours = BERTScore(tiny_deberta, layer=2, device="cpu").recall(CANDIDATES, REFERENCES)
+    # batch_size=1: bert-score zeroes padded similarities instead of excluding them, which changes its result in a
+    # padded batch when every similarity of a token is negative (possible in a random model, not in a trained one).
+    _, want, _ = bert_score.score(CANDIDATES, REFERENCES, model_type=str(tiny_deberta), num_layers=2, idf=False,
+                                  device="cpu", batch_size=1)
+    assert want.std() > 0.1  # the encoder separates these pairs, so agreement is not trivial
+    np.testing.assert_allclose(ours, want.numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A tiny random LLaVA (CLIP vision tower + Llama) and its processor, in llava-1.5-7b-hf's layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+    folder = tmp_path_factory.mktemp("llava")
+    words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "Answer", "concisely:", "what", "is",
+             "going", "on", "in", "this", "image?", "a", "an", "cat", "dog", "ant", "riding", "bike", "the", "image",
+             "contains", "playing", "chess", "washing", "dishes"]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    # As llava-1.5-7b-hf: patch 14, CLS dropped ("default"), so a 28 x 28 image becomes 2 x 2 = 4 <image> tokens.
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(folder)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = LlavaConfig(
+        vision_config=dict(tower, model_type="clip_vision_model", image_size=28, patch_size=14),
+        text_config=dict(tower, model_type="llama", vocab_size=len(words), num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_index=words.index("<image>"), vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def test_alignment_reward(tiny_llava, tiny_deberta):
+    from nanoddpo.learned_rewards import AlignmentReward
+    reward = AlignmentReward(tiny_llava, tiny_deberta, bert_layer=2, device="cpu", dtype=torch.float32,
+                             max_new_tokens=8)
+    images = random_images(3)
+    prompts = ["a cat riding a bike", "an ant playing chess", "a dog washing the dishes"]
+    answers = reward.describe(images)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert len(set(answers)) > 1  # the answer depends on the image
+    scores = reward(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == np.float32 and ((-1 <= scores) & (scores <= 1)).all()
+    np.testing.assert_allclose(
+        scores, reward.bertscore.recall(answers, [f"The image contains {p}" for p in prompts]), atol=1e-6)
+    # batching and determinism: a batch of 3 equals three batches of 1, and a second call equals the first
+    assert [reward.describe(images[i:i + 1])[0] for i in range(3)] == answers
+    singles = np.concatenate([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(singles, scores, atol=1e-5)
+    np.testing.assert_array_equal(reward(images, prompts), scores)
+
+
+def test_alignment_missing_weights_error(tmp_path, tiny_llava, tiny_deberta):
+    from nanoddpo.learned_rewards import AlignmentReward
+    with pytest.raises(FileNotFoundError, match="llava-1.5-7b-hf") as err:
+        AlignmentReward(tmp_path / "llava-1.5-7b-hf", tiny_deberta, device="cpu")
+    assert str(tmp_path / "llava-1.5-7b-hf") in str(err.value) and "hf download llava-hf/llava-1.5-7b-hf" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="hf download microsoft/deberta-xlarge-mnli"):
+        AlignmentReward(tiny_llava, tmp_path / "deberta-xlarge-mnli", device="cpu")
