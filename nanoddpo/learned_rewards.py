@@ -39,7 +39,7 @@ def require(path, name):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"reward model not found: {path}\n"
-                                f"fetch it with:\n    {DOWNLOADS[name]}\n(see weights/README.md)")
+                                f"fetch it, from the repository root, with:\n    {DOWNLOADS[name]}\n(see weights/README.md)")
     return path
 
 
@@ -117,11 +117,12 @@ class AestheticReward:
     def __init__(self, clip_dir=WEIGHTS / "clip-vit-large-patch14",
                  mlp_path=WEIGHTS / "aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth", device=None, dtype=None):
         self.device, self.dtype = default_device_dtype(device, dtype)
-        clip = CLIPModel.from_pretrained(require(clip_dir, "clip-vit-large-patch14"), local_files_only=True)
+        clip_dir, mlp_path = require(clip_dir, "clip-vit-large-patch14"), require(mlp_path, "aesthetic-predictor")
+        clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
         # Only the image tower and its projection are used; the text tower (123 M parameters) is dropped here.
         self.vision = clip.vision_model.to(self.device, self.dtype).eval()
         self.projection = clip.visual_projection.to(self.device, self.dtype).eval()
-        self.mlp = AestheticMLP.load(require(mlp_path, "aesthetic-predictor")).to(self.device, self.dtype)
+        self.mlp = AestheticMLP.load(mlp_path).to(self.device, self.dtype)
 
     @torch.no_grad()
     def __call__(self, images, prompts=None):

@@ -126,6 +126,10 @@ def test_aesthetic_mlp_has_published_names(tiny_aesthetic):
     mlp = AestheticMLP.load(tiny_aesthetic / "mlp.pth")  # strict
     for key, value in mlp.state_dict().items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    from safetensors.torch import save_file
+    save_file(state, tiny_aesthetic / "mlp.safetensors")
+    for key, value in AestheticMLP.load(tiny_aesthetic / "mlp.safetensors").state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         torch.save(dict(state, extra=torch.zeros(1)), tiny_aesthetic / "bad.pth")
         AestheticMLP.load(tiny_aesthetic / "bad.pth")
@@ -214,7 +218,16 @@ def test_bertscore_identical_texts_score_one(tiny_deberta):
     recall = bertscore.recall(CANDIDATES, REFERENCES)
     assert recall.shape == (5,) and recall.dtype == np.float32 and (recall < 0.999).all()
     assert bertscore.recall([""], ["The image contains a cat"])[0] == 0  # bert-score's rule for an empty answer
-    assert len(bertscore.model.encoder.layer) == 2  # the blocks above the scored layer are dropped
+    # Dropping the blocks above the scored layer leaves exactly the full model's hidden state after that layer.
+    from transformers import AutoModel, AutoTokenizer
+    assert len(bertscore.model.encoder.layer) == 2
+    full = AutoModel.from_pretrained(tiny_deberta).eval()
+    batch = AutoTokenizer.from_pretrained(tiny_deberta)(REFERENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = full(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[2]
+    got, mask, weight = bertscore.embed(REFERENCES)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=-1), rtol=1e-5, atol=1e-5)
+    assert (weight.sum(1) == mask.sum(1) - 2).all()  # [CLS] and [SEP] carry no weight
 
 
 def test_bertscore_matches_bert_score_package(tiny_deberta):
@@ -275,8 +288,8 @@ def test_alignment_reward(tiny_llava, tiny_deberta):
         scores, reward.bertscore.recall(answers, [f"The image contains {p}" for p in prompts]), atol=1e-6)
     # batching and determinism: a batch of 3 equals three batches of 1, and a second call equals the first
     assert [reward.describe(images[i:i + 1])[0] for i in range(3)] == answers
-    singles = np.concatenate([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)])
-    np.testing.assert_allclose(singles, scores, atol=1e-5)
+    singles = [reward.bertscore.recall(answers[i:i + 1], [f"The image contains {prompts[i]}"]) for i in range(3)]
+    np.testing.assert_allclose(np.concatenate(singles), scores, atol=1e-5)
     np.testing.assert_array_equal(reward(images, prompts), scores)
 
 
@@ -287,3 +300,12 @@ def test_alignment_missing_weights_error(tmp_path, tiny_llava, tiny_deberta):
     assert str(tmp_path / "llava-1.5-7b-hf") in str(err.value) and "hf download llava-hf/llava-1.5-7b-hf" in str(err.value)
     with pytest.raises(FileNotFoundError, match="hf download microsoft/deberta-xlarge-mnli"):
         AlignmentReward(tiny_llava, tmp_path / "deberta-xlarge-mnli", device="cpu")
+
+
+def test_registry_factories_name_missing_folders():
+    from nanoddpo.learned_rewards import WEIGHTS
+    for name, folder in [("aesthetic", "clip-vit-large-patch14"), ("alignment", "llava-1.5-7b-hf")]:
+        if (WEIGHTS / folder).exists():
+            continue  # downloaded here: the factory would load the real model
+        with pytest.raises(FileNotFoundError, match=folder):
+            get_reward(name)
