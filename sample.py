@@ -1,0 +1,158 @@
+"""
+Compare checkpoints: render the base model and fine-tuned checkpoints on the same prompts and seeds into one PNG grid
+(a row per checkpoint, a column per prompt and seed), and print each checkpoint's mean reward.
+
+    python sample.py                                   # base model + latest checkpoint of the newest run under runs/
+    python sample.py --reward jpeg --per-prompt 2      # score every image; two seeds per prompt
+    python sample.py --ckpt base runs/x/checkpoints/step_100 --prompts "a cat" "a dog" --steps 20
+
+The base model is --model, else weights/stable-diffusion-v1-4 when present, else the bundled weights/tiny.
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from nanoddpo.ddim import sample
+from nanoddpo.model import LoadError, StableDiffusion, resolve_model
+from nanoddpo.rewards import REWARDS, get_reward
+
+DEFAULT_PROMPTS = ["a cat", "a dog", "a horse", "a monkey"]  # DDPO's "simple animals", used when the model has no prompts.json
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
+                    "the base model. Default: base and the latest checkpoint of the newest run under runs/")
+parser.add_argument("--model", help="base model folder (published SD layout)")
+parser.add_argument("--prompts", nargs="+", help="default: the first 4 of the model's prompts.json, else 4 animals")
+parser.add_argument("--seeds", nargs="+", type=int, help="seeds of each prompt's images, the same in every row "
+                    "(default 0 .. per-prompt - 1)")
+parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
+parser.add_argument("--steps", type=int, default=50, help="DDIM steps (eta = 1, as in training)")
+parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale w")
+parser.add_argument("--reward", choices=list(REWARDS), help="score every image with this reward")
+parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fail(message):
+    sys.exit(f"sample.py: error: {message}")
+
+
+def checkpoints_of(run):
+    """A run's checkpoints runs/<name>/checkpoints/step_<N>/, oldest first."""
+    return sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[-1]))
+
+
+def latest_run_checkpoint(runs=Path("runs")):
+    """The latest checkpoint of the most recently written run that has one, or None."""
+    runs = [r for r in runs.glob("*") if r.is_dir() and checkpoints_of(r)] if runs.is_dir() else []
+    return checkpoints_of(max(runs, key=lambda r: checkpoints_of(r)[-1].stat().st_mtime))[-1] if runs else None
+
+
+def load_checkpoint_into(sd, ckpt_dir):
+    """Put a checkpoint's weights into sd.unet: a full UNet (unet.safetensors, published key names) or a LoRA.
+    Raises LoadError when the checkpoint cannot be used, e.g. when it was trained on another base model."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    other_base = LoadError(f"{ckpt_dir} was trained on a different base model than {getattr(sd, 'path', 'this one')}; "
+                           f"pass its base model with --model")
+    state = json.loads((ckpt_dir / "state.json").read_text()) if (ckpt_dir / "state.json").is_file() else {}
+    if None not in (state.get("base_fingerprint"), getattr(sd, "fingerprint", None)) and \
+            state["base_fingerprint"] != sd.fingerprint:
+        raise other_base
+    if (ckpt_dir / "unet.safetensors").is_file():
+        tensors, ours = load_file(ckpt_dir / "unet.safetensors"), sd.unet.state_dict()
+        if tensors.keys() != ours.keys() or any(tensors[k].shape != v.shape for k, v in ours.items()):
+            raise other_base
+        sd.unet.load_state_dict(tensors, strict=True)
+    elif (ckpt_dir / "lora.safetensors").is_file():
+        from nanoddpo.lora import apply_lora_file
+
+        try:
+            apply_lora_file(sd.unet, ckpt_dir / "lora.safetensors")
+        except ValueError:
+            raise other_base from None
+    else:
+        raise LoadError(f"{ckpt_dir} holds neither unet.safetensors nor lora.safetensors")
+
+
+def grid(rows, row_labels, column_labels, rewards=None, cell=128):
+    """rows[i][j] a uint8 (H, W, 3) image; labels on the left and on top; rewards[i][j] written under each image."""
+    font = ImageFont.load_default()
+    line, left = 14, 110
+    below = line if rewards is not None else 0
+    canvas = Image.new("RGB", (left + cell * len(column_labels), line + (cell + below) * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(column_labels):
+        draw.text((left + j * cell + 2, 1), label[: cell // 6], fill="black", font=font)
+    for i, (images, label) in enumerate(zip(rows, row_labels)):
+        top = line + i * (cell + below)
+        draw.text((2, top + cell // 2 - line), label[-left // 6:], fill="black", font=font)
+        for j, image in enumerate(images):
+            canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (left + j * cell, top))
+            if rewards is not None:
+                draw.text((left + j * cell + 2, top + cell + 1), f"{rewards[i][j]:.3f}", fill="black", font=font)
+    return canvas
+
+
+def main(args):
+    if args.steps < 1:
+        fail(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance < 0:
+        fail(f"--guidance must be >= 0 (1 is no guidance), got {args.guidance}")
+    if args.per_prompt < 1:
+        fail(f"--per-prompt must be at least 1, got {args.per_prompt}")
+    try:
+        args.model = str(resolve_model(args.model))
+    except LoadError as e:
+        fail(e)
+    print(f"base model: {args.model}")
+    ckpts = args.ckpt or ["base"] + [str(c) for c in [latest_run_checkpoint()] if c is not None]
+    for i, ckpt in enumerate(ckpts):
+        if ckpt != "base" and not Path(ckpt).is_dir():
+            fail(f"checkpoint {ckpt} does not exist")
+        if ckpt != "base" and checkpoints_of(Path(ckpt)):  # a run folder stands for its latest checkpoint
+            ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
+    seeds = args.seeds or list(range(args.per_prompt))
+
+    try:
+        sd = StableDiffusion.from_pretrained(args.model, device=args.device)
+    except LoadError as e:
+        fail(e)
+    prompts_file = Path(args.model) / "prompts.json"
+    prompts = args.prompts or (json.loads(prompts_file.read_text())[:4] if prompts_file.is_file() else DEFAULT_PROMPTS)
+    reward_fn = get_reward(args.reward) if args.reward else None
+    autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None
+    # every column is one (prompt, seed) pair, rendered identically in every row
+    column_prompts = [p for p in prompts for _ in seeds]
+    column_seeds = [s for _ in prompts for s in seeds]
+    base_unet, rows, rewards = sd.unet, [], []
+    for ckpt in ckpts:
+        sd.unet = copy.deepcopy(base_unet)
+        if ckpt != "base":
+            try:
+                load_checkpoint_into(sd, ckpt)
+            except LoadError as e:
+                fail(e)
+        images = sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
+                        autocast=autocast).images
+        images = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        rows.append(list(images))
+        if reward_fn:
+            rewards.append(reward_fn(images, column_prompts))
+            print(f"{ckpt}: mean {args.reward} reward {np.mean(rewards[-1]):.4f} over {len(images)} images")
+    labels = [f"{p} #{s}" if len(seeds) > 1 else p for p, s in zip(column_prompts, column_seeds)]
+    row_labels = [c if c == "base" else "/".join(Path(c).parts[-3::2]) for c in ckpts]  # runs/x/checkpoints/step_N -> x/step_N
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid(rows, row_labels, labels, rewards if reward_fn else None).save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,135 @@
+"""
+Smoke tests of sample.py, run as a script on a tiny random model: the checkpoint grid end to end, and bad inputs
+failing with one clear line instead of a traceback.
+
+    python -m pytest -x -q tests/test_sample.py
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nanoddpo.model import LoadError, StableDiffusion, save_safetensors
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample.py"
+CELL, LEFT, LINE = 128, 110, 14  # grid geometry of sample.py: image cells, row-label margin, text line
+
+
+def run_sample(*args, cwd):
+    return subprocess.run([sys.executable, str(SAMPLE), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def write_checkpoint(folder, unet_state, fingerprint):
+    folder.mkdir(parents=True)
+    save_safetensors(unet_state, folder / "unet.safetensors")
+    (folder / "state.json").write_text(json.dumps({"base_model": "tiny", "base_fingerprint": fingerprint, "settings": {}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_model_dir, tmp_path_factory):
+    """A working folder with runs/demo/checkpoints/step_1 (the base UNet unchanged) and step_2 (perturbed)."""
+    root = tmp_path_factory.mktemp("sample")
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    state = sd.unet.state_dict()
+    write_checkpoint(root / "runs/demo/checkpoints/step_1", state, sd.fingerprint)
+    torch.manual_seed(0)
+    perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
+    write_checkpoint(root / "runs/demo/checkpoints/step_2", perturbed, sd.fingerprint)
+    return root
+
+
+def cell(png, row, column, rows_have_rewards=True):
+    top = LINE + row * (CELL + (LINE if rows_have_rewards else 0))
+    return np.asarray(png)[top:top + CELL, LEFT + column * CELL:LEFT + (column + 1) * CELL]
+
+
+def test_default_compares_base_with_latest_checkpoint(workdir, tiny_model_dir):
+    long_prompt = "a cat " * 60  # 120 words: more than 77 tokens
+    out = run_sample("--model", tiny_model_dir, "--steps", 2, "--reward", "jpeg", "--per-prompt", 2,
+                     "--prompts", "a cat", long_prompt, "--out", "grid.png", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert f"base model: {tiny_model_dir}" in out.stdout.splitlines()[0]
+    assert "truncated" in out.stderr  # the long prompt is cut to 77 tokens with a warning, not an error
+    assert "base: mean jpeg reward" in out.stdout
+    assert "runs/demo/checkpoints/step_2: mean jpeg reward" in out.stdout  # the latest checkpoint, not step_1
+    png = Image.open(workdir / "grid.png")
+    assert png.size == (LEFT + 4 * CELL, LINE + 2 * (CELL + LINE))  # 2 prompts x 2 seeds, 2 rows with rewards
+    assert not np.array_equal(cell(png, 0, 0), cell(png, 1, 0))  # the checkpoint's weights were applied
+    assert not np.array_equal(cell(png, 0, 0), cell(png, 0, 1))  # seeds 0 and 1 differ
+
+
+def load_sample_script():
+    spec = importlib.util.spec_from_file_location("sample_script", SAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
+    """step_1 holds the base UNet unchanged, so its row must repeat the base row exactly: same prompts, same seeds.
+    Run in-process (sample.py's main) to keep the suite fast; the subprocess tests above cover the script's shell."""
+    monkeypatch.chdir(workdir)
+    script = load_sample_script()
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base",
+                                          "runs/demo/checkpoints/step_1", "runs/demo", "--prompts", "a cat", "a dog",
+                                          "--out", "explicit.png"]))
+    png = Image.open(workdir / "explicit.png")
+    assert png.size == (LEFT + 2 * CELL, LINE + 3 * CELL)
+    for column in range(2):
+        assert np.array_equal(cell(png, 0, column, False), cell(png, 1, column, False))
+        assert not np.array_equal(cell(png, 0, column, False), cell(png, 2, column, False))  # a run = its latest
+
+
+def test_missing_checkpoint_is_one_clear_error(workdir, tiny_model_dir):
+    out = run_sample("--model", tiny_model_dir, "--ckpt", "runs/nope", cwd=workdir)
+    assert out.returncode != 0
+    assert "checkpoint runs/nope does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    state = sd.unet.state_dict()
+    state["conv_in.weight"] = torch.zeros(16, *state["conv_in.weight"].shape[1:])  # a narrower UNet
+    write_checkpoint(workdir / "runs/other/checkpoints/step_1", state, sd.fingerprint)
+    out = run_sample("--model", tiny_model_dir, "--steps", 1, "--ckpt", "runs/other/checkpoints/step_1", cwd=workdir)
+    assert out.returncode != 0
+    assert "trained on a different base model" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance", "-1"], "--guidance must be >= 0"),
+    (["--per-prompt", "0"], "--per-prompt must be at least 1"),
+    (["--model", "no/such/model"], "no/such/model does not exist"),
+])
+def test_bad_settings_exit_with_one_clear_line(workdir, tiny_model_dir, args, message):
+    """sample.py reports these through sys.exit(message): a non-zero exit that prints the line, never a traceback.
+    In-process, where that is a SystemExit carrying the message (each subprocess would cost seconds of imports)."""
+    script = load_sample_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), *args]))
+    assert message in str(exit_info.value.code)
+
+
+def test_load_checkpoint_into(workdir, tiny_model_dir):
+    script = load_sample_script()
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    ckpt = workdir / "runs/demo/checkpoints/step_2"
+    script.load_checkpoint_into(sd, ckpt)
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(v, sd.unet.state_dict()[k]) for k, v in load_file(ckpt / "unet.safetensors").items())
+    # the same tensors under another base model's fingerprint are refused before they are loaded
+    other = write_checkpoint(workdir / "runs/fp/checkpoints/step_1", sd.unet.state_dict(), "0123456789abcdef")
+    with pytest.raises(LoadError, match="different base model"):
+        script.load_checkpoint_into(sd, other)
