@@ -7,8 +7,9 @@ Learned rewards for DDPO: the LAION aesthetic score and VLM prompt alignment (LL
   this image?"; the reward is the BERTScore recall of that answer against "The image contains <prompt>", with the
   bert-score package's settings for microsoft/deberta-xlarge-mnli (hidden states after layer 40, no idf, no rescaling).
 
-Every model loads from a local folder under weights/ (weights/README.md says how to fetch each); nothing is downloaded at
-run time. Use them through nanoddpo.rewards.get_reward("aesthetic" | "alignment"); tests: pytest tests/test_rewards.py
+Every model loads from a local folder under weights/ (weights/README.md says how to fetch each); nothing is
+downloaded at run time. Use them through nanoddpo.rewards.get_reward("aesthetic" | "alignment").
+Tests: pytest tests/test_rewards.py
 """
 import io
 from pathlib import Path
@@ -38,8 +39,8 @@ def require(path, name):
     """Fail early, naming the missing folder or file and the command that fetches it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"reward model not found: {path}\n"
-                                f"fetch it, from the repository root, with:\n    {DOWNLOADS[name]}\n(see weights/README.md)")
+        raise FileNotFoundError(f"reward model not found: {path}\nfetch it, from the repository root, with:\n"
+                                f"    {DOWNLOADS[name]}\n(see weights/README.md)")
     return path
 
 
@@ -62,9 +63,9 @@ def clip_preprocess(images, size=CLIP_SIZE):
     """uint8 (B, H, W, 3) -> normalised float (B, 3, size, size), on the images' device, as CLIPImageProcessor does it.
 
     CLIPImageProcessor resizes the shortest edge to 224 with PIL's bicubic filter, centre-crops 224 x 224, scales to
-    [0, 1] and normalises. PIL resizes the width first and then the height, rounding to uint8 after each pass; torch's
-    antialiased bicubic uses PIL's kernel (a = -0.5), so the same two passes with the same rounding agree with it to within
-    one grey level on a handful of pixels, even on noise (one pass in float differs by up to 20 levels there).
+    [0, 1] and normalises. PIL resizes the width first and then the height, rounding to uint8 after each pass;
+    torch's antialiased bicubic uses PIL's kernel (a = -0.5), so the same two passes with the same rounding agree with
+    it to within one grey level on a handful of pixels, even on noise (one pass in float differs by up to 20 levels).
     """
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
     h, w = x.shape[-2:]
@@ -98,7 +99,8 @@ class AestheticMLP(nn.Module):
 
     @classmethod
     def load(cls, path):
-        """From the published .pth state dict (read with weights_only, never unpickling objects) or a .safetensors copy."""
+        """From the published .pth state dict (read with weights_only: tensors only, no pickled code) or a .safetensors
+        copy with the same keys."""
         path = Path(path)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -115,7 +117,8 @@ class AestheticReward:
     aesthetic_score / AestheticScorer."""
 
     def __init__(self, clip_dir=WEIGHTS / "clip-vit-large-patch14",
-                 mlp_path=WEIGHTS / "aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth", device=None, dtype=None):
+                 mlp_path=WEIGHTS / "aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth",
+                 device=None, dtype=None):
         self.device, self.dtype = default_device_dtype(device, dtype)
         clip_dir, mlp_path = require(clip_dir, "clip-vit-large-patch14"), require(mlp_path, "aesthetic-predictor")
         clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
@@ -181,7 +184,8 @@ class BERTScore:
 
 class AlignmentReward:
     """reward(images, prompts) -> BERTScore recall of LLaVA's description against "The image contains <prompt>".
-    Counterpart of ddpo-pytorch's llava_bertscore (which calls a separate LLaVA server; here the model is in-process)."""
+    Counterpart of ddpo-pytorch's llava_bertscore, which calls a separate LLaVA server; here both models are in-process.
+    """
 
     def __init__(self, llava_dir=WEIGHTS / "llava-1.5-7b-hf", bert_dir=WEIGHTS / "deberta-xlarge-mnli", bert_layer=40,
                  device=None, dtype=None, max_new_tokens=64):

@@ -6,10 +6,10 @@ The paper's third set, the first 398 ImageNet classes (the animals) used for the
 """
 
 ANIMALS = [
-    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion", "tiger",
-    "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale", "dolphin",
-    "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly",
-    "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ]
 ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
 

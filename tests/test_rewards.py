@@ -224,7 +224,8 @@ def test_bertscore_identical_texts_score_one(tiny_deberta):
     full = AutoModel.from_pretrained(tiny_deberta).eval()
     batch = AutoTokenizer.from_pretrained(tiny_deberta)(REFERENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
-        want = full(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[2]
+        out = full(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    want = out.hidden_states[2]
     got, mask, weight = bertscore.embed(REFERENCES)
     torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=-1), rtol=1e-5, atol=1e-5)
     assert (weight.sum(1) == mask.sum(1) - 2).all()  # [CLS] and [SEP] carry no weight
@@ -297,7 +298,8 @@ def test_alignment_missing_weights_error(tmp_path, tiny_llava, tiny_deberta):
     from nanoddpo.learned_rewards import AlignmentReward
     with pytest.raises(FileNotFoundError, match="llava-1.5-7b-hf") as err:
         AlignmentReward(tmp_path / "llava-1.5-7b-hf", tiny_deberta, device="cpu")
-    assert str(tmp_path / "llava-1.5-7b-hf") in str(err.value) and "hf download llava-hf/llava-1.5-7b-hf" in str(err.value)
+    assert str(tmp_path / "llava-1.5-7b-hf") in str(err.value)
+    assert "hf download llava-hf/llava-1.5-7b-hf" in str(err.value)
     with pytest.raises(FileNotFoundError, match="hf download microsoft/deberta-xlarge-mnli"):
         AlignmentReward(tiny_llava, tmp_path / "deberta-xlarge-mnli", device="cpu")
 
