@@ -1,0 +1,61 @@
+"""
+LoRA (Hu et al. 2021, arXiv 2106.09685) on the UNet's attention projections, in a few lines.
+
+Each of to_q, to_k, to_v and to_out.0 of every attention (self and cross) becomes W x + B A x with A (rank x in) and
+B (out x rank): B starts at zero, so the fine-tuned model starts exactly at the base model. With rank 4 on SD v1-4 that
+is about 0.8 M trainable parameters instead of 860 M. The base weights keep their published key names; the LoRA tensors
+are `<layer>.lora_A.weight` and `<layer>.lora_B.weight`, saved alone in lora.safetensors.
+
+    add_lora(unet, rank=4)               # then train lora_parameters(unet)
+    save_safetensors(lora_state_dict(unet), "lora.safetensors")
+    apply_lora_file(unet, "lora.safetensors")
+"""
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a low-rank update; keeps `weight` and `bias` so the base keys stay as published."""
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_B(self.lora_A(x))
+
+
+def add_lora(unet, rank=4):
+    """Turn every attention projection of the UNet into a LoRALinear, in place. Returns the UNet."""
+    for name, module in list(unet.named_modules()):
+        if any(name.endswith("." + t) for t in TARGETS) and ".attn" in name and type(module) is nn.Linear:
+            module.__class__ = LoRALinear  # same parameters, one more term in forward
+            device = module.weight.device
+            module.lora_A = nn.Linear(module.in_features, rank, bias=False, device=device)
+            module.lora_B = nn.Linear(rank, module.out_features, bias=False, device=device)
+            nn.init.normal_(module.lora_A.weight, std=1 / rank)
+            nn.init.zeros_(module.lora_B.weight)
+    return unet
+
+
+def lora_parameters(unet):
+    return [p for name, p in unet.named_parameters() if ".lora_" in name]
+
+
+def lora_state_dict(unet):
+    return {k: v for k, v in unet.state_dict().items() if ".lora_" in k}
+
+
+def apply_lora_file(unet, path):
+    """Add LoRA layers of the file's rank to the UNet and load them; every tensor must find its place."""
+    tensors = load_file(str(path))
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise ValueError(f"{path} is not a nanoddpo LoRA file (LoRA ranks found: {sorted(ranks)})")
+    add_lora(unet, rank=ranks.pop())
+    expected = lora_state_dict(unet)
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in tensors):
+        raise ValueError(f"{path} does not fit this UNet: it was trained on a different base model")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            expected[k].copy_(v)
+    return unet
