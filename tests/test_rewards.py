@@ -4,7 +4,6 @@ The learned rewards run on tiny random CLIP, LLaVA and DeBERTa models built here
 real loading path is exercised without downloads. Run: pytest tests/test_rewards.py
 (the BERTScore oracle test needs `pip install bert-score` and is skipped without it).
 """
-import json
 import time
 
 import numpy as np
@@ -14,11 +13,9 @@ import torch
 from nanoddpo.prompts import PROMPTS, animals_activities, simple_animals
 from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
 
-RNG = np.random.default_rng(0)
-
-
-def random_images(n, h=64, w=64):
-    return RNG.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+def random_images(n, h=64, w=64, seed=0):
+    """Noise images, the same for a given seed whatever tests run before."""
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,12 +65,13 @@ def test_async_reward_keeps_batches_paired():
         return score(images, prompts)
 
     scorer = AsyncReward(slow_reward)
+    rng = np.random.default_rng(0)
     buffer = np.zeros((3, 4, 4, 3), dtype=np.uint8)
     expected, futures = [], []
     for k in range(len(delays)):
-        buffer[:] = RNG.integers(0, 256, buffer.shape)
+        buffer[:] = rng.integers(0, 256, buffer.shape)
         buffer[0, 0, 0, 0] = k
-        prompts = [f"batch {k} image {i}" + "!" * RNG.integers(10) for i in range(3)]
+        prompts = [f"batch {k} image {i}" + "!" * rng.integers(10) for i in range(3)]
         expected.append(score(buffer, prompts))
         futures.append(scorer.submit(buffer, prompts))  # the buffer is overwritten next: submit must copy it
     for future, want in zip(futures, expected):
