@@ -50,12 +50,13 @@ class DDIM:
         return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
 
     def _alpha_bars(self, t, device):
-        # Tensor indexing (no .item(), no branches on values) so t may be a number, a 0-d or a (B,) tensor on any
-        # device without a host sync. Past the last step, t' = t - step_size < 0 and alpha_bar_prev is alpha_bar[0]
-        # (SD's set_alpha_to_one = False), which is exactly what clamping the index at 0 looks up.
+        # A lookup on the device (no .item(), no branch on values) so t may be a number, a 0-d or a (B,) tensor without
+        # a host sync; torch.take rather than alpha_bar[t], which turns a 0-d index into a Python int (a sync on CUDA).
+        # Past the last step t' = t - step_size < 0 and alpha_bar_prev is alpha_bar[0] (set_alpha_to_one = False):
+        # exactly what clamping the index at 0 looks up.
         alpha_bar = self.alpha_bar.to(device)
         t = torch.as_tensor(t, device=device)
-        return alpha_bar[t], alpha_bar[(t - self.step_size).clamp(min=0)]
+        return torch.take(alpha_bar, t), torch.take(alpha_bar, (t - self.step_size).clamp(min=0))
 
     def step(self, eps, t, x_t, eta=1.0, x_prev=None, noise=None):
         """One reverse step x_t -> x_prev. Returns (x_prev, log_prob).
@@ -100,7 +101,9 @@ def guided_eps(unet, x_t, t, context, negative_context, guidance_scale):
     t = torch.as_tensor(t, device=x_t.device)
     t_in = torch.cat([t, t]) if t.ndim == 1 else t
     context_in = torch.cat([negative_context.expand(batch, -1, -1), context])  # (2B, 77, D): [uncond, cond]
-    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), t_in, context_in).chunk(2)
+    # The inputs take the context's dtype, so a half-precision model also runs without autocast (latents are stored
+    # in float32); the guidance arithmetic is float32, as the difference eps_cond - eps_uncond cancels digits.
+    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]).to(context_in.dtype), t_in, context_in).float().chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
@@ -158,7 +161,7 @@ def sample(sd, prompts, seeds, num_steps=50, guidance_scale=5.0, eta=1.0, negati
             x_t, log_prob = ddim.step(eps, t, x_t, eta=eta, noise=noise[:, j + 1])
             latents.append(x_t)
             log_probs.append(log_prob)
-        images = sd.decode_latents(x_t).float()
+        images = sd.decode_latents(x_t.to(sd.dtype)).float()
     return Trajectory(
         images=images,
         latents=torch.stack(latents, dim=1),
