@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
 
 from nanoddpo.ddim import sample
+from nanoddpo.images import grid, to_uint8
+from nanoddpo.lora import apply_lora_file
 from nanoddpo.model import LoadError, StableDiffusion, resolve_model
 from nanoddpo.rewards import REWARDS, get_reward
 
@@ -29,9 +31,9 @@ parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders
                     "the base model. Default: base and the latest checkpoint of the newest run under runs/")
 parser.add_argument("--model", help="base model folder (published SD layout)")
 parser.add_argument("--prompts", nargs="+", help="default: the first 4 of the model's prompts.json, else 4 animals")
-parser.add_argument("--seeds", nargs="+", type=int, help="seeds of each prompt's images, the same in every row "
-                    "(default 0 .. per-prompt - 1)")
-parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
+parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
+parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prompt's images instead (one image each); "
+                    "the same seeds in every row")
 parser.add_argument("--steps", type=int, default=50, help="DDIM steps (eta = 1, as in training)")
 parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale w")
 parser.add_argument("--reward", choices=list(REWARDS), help="score every image with this reward")
@@ -57,8 +59,6 @@ def latest_run_checkpoint(runs=Path("runs")):
 def load_checkpoint_into(sd, ckpt_dir):
     """Put a checkpoint's weights into sd.unet: a full UNet (unet.safetensors, published key names) or a LoRA.
     Raises LoadError when the checkpoint cannot be used, e.g. when it was trained on another base model."""
-    from safetensors.torch import load_file
-
     ckpt_dir = Path(ckpt_dir)
     other_base = LoadError(f"{ckpt_dir} was trained on a different base model than {getattr(sd, 'path', 'this one')}; "
                            f"pass its base model with --model")
@@ -72,33 +72,12 @@ def load_checkpoint_into(sd, ckpt_dir):
             raise other_base
         sd.unet.load_state_dict(tensors, strict=True)
     elif (ckpt_dir / "lora.safetensors").is_file():
-        from nanoddpo.lora import apply_lora_file
-
         try:
             apply_lora_file(sd.unet, ckpt_dir / "lora.safetensors")
         except ValueError:
             raise other_base from None
     else:
         raise LoadError(f"{ckpt_dir} holds neither unet.safetensors nor lora.safetensors")
-
-
-def grid(rows, row_labels, column_labels, rewards=None, cell=128):
-    """rows[i][j] a uint8 (H, W, 3) image; labels on the left and on top; rewards[i][j] written under each image."""
-    font = ImageFont.load_default()
-    line, left = 14, 110
-    below = line if rewards is not None else 0
-    canvas = Image.new("RGB", (left + cell * len(column_labels), line + (cell + below) * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(column_labels):
-        draw.text((left + j * cell + 2, 1), label[: cell // 6], fill="black", font=font)
-    for i, (images, label) in enumerate(zip(rows, row_labels)):
-        top = line + i * (cell + below)
-        draw.text((2, top + cell // 2 - line), label[-left // 6:], fill="black", font=font)
-        for j, image in enumerate(images):
-            canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (left + j * cell, top))
-            if rewards is not None:
-                draw.text((left + j * cell + 2, top + cell + 1), f"{rewards[i][j]:.3f}", fill="black", font=font)
-    return canvas
 
 
 def main(args):
@@ -140,15 +119,14 @@ def main(args):
                 load_checkpoint_into(sd, ckpt)
             except LoadError as e:
                 fail(e)
-        images = sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
-                        autocast=autocast).images
-        images = (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = to_uint8(sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
+                                 autocast=autocast).images)
         rows.append(list(images))
         if reward_fn:
             rewards.append(reward_fn(images, column_prompts))
             print(f"{ckpt}: mean {args.reward} reward {np.mean(rewards[-1]):.4f} over {len(images)} images")
     labels = [f"{p} #{s}" if len(seeds) > 1 else p for p, s in zip(column_prompts, column_seeds)]
-    row_labels = [c if c == "base" else "/".join(Path(c).parts[-3::2]) for c in ckpts]  # runs/x/checkpoints/step_N -> x/step_N
+    row_labels = [c if c == "base" else f"{Path(c).parent.parent.name}/{Path(c).name}" for c in ckpts]  # run/step_N
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid(rows, row_labels, labels, rewards if reward_fn else None).save(args.out)
     print(f"wrote {args.out}")

@@ -133,3 +133,29 @@ def test_load_checkpoint_into(workdir, tiny_model_dir):
     other = write_checkpoint(workdir / "runs/fp/checkpoints/step_1", sd.unet.state_dict(), "0123456789abcdef")
     with pytest.raises(LoadError, match="different base model"):
         script.load_checkpoint_into(sd, other)
+
+
+def test_load_lora_checkpoint(workdir, tiny_model_dir):
+    """A LoRA checkpoint as train.py writes it (lora.safetensors beside state.json) changes the UNet's output."""
+    from nanoddpo.lora import add_lora, lora_state_dict
+
+    script = load_sample_script()
+    trained = StableDiffusion.from_pretrained(tiny_model_dir)
+    add_lora(trained.unet, rank=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # B starts at zero; a trained LoRA has moved it
+    ckpt = workdir / "runs/lora/checkpoints/step_3"
+    ckpt.mkdir(parents=True)
+    save_safetensors(lora_state_dict(trained.unet), ckpt / "lora.safetensors")
+    (ckpt / "state.json").write_text(json.dumps({"base_fingerprint": trained.fingerprint}))
+
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    x, context = torch.randn(1, 4, 8, 8), sd.encode_prompts(["a cat"])
+    base_eps = sd.unet(x, 501, context)
+    script.load_checkpoint_into(sd, ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(sd.unet(x, 501, context), trained.unet(x, 501, context))
+        assert not torch.allclose(sd.unet(x, 501, context), base_eps)
