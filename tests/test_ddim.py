@@ -291,14 +291,27 @@ def test_step_and_guidance_never_read_tensor_values_on_the_host():
         assert log_prob_of_step(unet, ddim, x_t, x_prev, t, context, negative_context).shape == (2,)
 
 
-def test_sample_under_bf16_autocast_and_with_bf16_weights(tiny_sd, tiny_model_dir):
+def test_sample_under_bf16_autocast_and_with_bf16_weights(tiny_sd):
     """Latents, log-probs and images stay float32 whatever the UNet computes in; bf16 moves the images a little."""
-    from nanoddpo.model import StableDiffusion
-
     reference = sample(tiny_sd, ["a cat"], [0], num_steps=3)
     in_autocast = sample(tiny_sd, ["a cat"], [0], num_steps=3, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
-    in_bf16 = sample(StableDiffusion.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), ["a cat"], [0], num_steps=3)
+    in_bf16 = sample(copy.deepcopy(tiny_sd).to(torch.bfloat16), ["a cat"], [0], num_steps=3)
     for traj in (in_autocast, in_bf16):
         assert traj.latents.dtype == traj.log_probs.dtype == traj.images.dtype == torch.float32
         assert torch.isfinite(traj.log_probs).all()
         assert 0 < (traj.images - reference.images).abs().max() < 0.1  # measured 0.03 with bf16's 8-bit mantissa
+
+
+def test_step_compiles_as_one_graph():
+    """fullgraph=True fails on any graph break (a .item(), a branch on a tensor value), for 0-d and (B,) timesteps."""
+    ddim = DDIM(50)
+    torch.manual_seed(0)
+    x_t, eps, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sample_step = torch.compile(lambda eps, t, x_t, noise: ddim.step(eps, t, x_t, noise=noise), fullgraph=True,
+                                backend="eager")
+    score_step = torch.compile(lambda eps, t, x_t, x_prev: ddim.step(eps, t, x_t, x_prev=x_prev)[1], fullgraph=True,
+                               backend="eager")
+    for t in [torch.tensor(981), torch.tensor([981, 1])]:
+        x_prev, log_prob = sample_step(eps, t, x_t, noise)
+        torch.testing.assert_close(x_prev, ddim.step(eps, t, x_t, noise=noise)[0])
+        torch.testing.assert_close(score_step(eps, t, x_t, x_prev), log_prob)
