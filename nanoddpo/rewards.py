@@ -41,6 +41,13 @@ def alignment():
     return AlignmentReward()
 
 
+def tinyworld():
+    # Prompt alignment for the bundled tiny model (weights/tiny): its world's checker reads colour, shape and
+    # background back from the pixels; the reward is the fraction of the three that match the prompt.
+    from nanoddpo.world import tinyworld_reward
+    return tinyworld_reward
+
+
 # name -> a zero-argument factory returning the callable reward(images, prompts) -> (B,) floats.
 # Factories let rewards that load a model do so only when chosen.
 REWARDS = {
@@ -48,6 +55,7 @@ REWARDS = {
     "jpeg-incompressibility": lambda: jpeg_incompressibility,
     "aesthetic": aesthetic,
     "alignment": alignment,
+    "tinyworld": tinyworld,
 }
 
 

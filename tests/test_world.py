@@ -1,0 +1,120 @@
+"""Tests of the tiny world (nanoddpo/world.py) and the bundled model made from it (weights/tiny).
+
+    python -m pytest -q tests/test_world.py
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanoddpo import world
+from nanoddpo.rewards import get_reward
+
+TINY = Path(__file__).resolve().parent.parent / "weights" / "tiny"
+
+
+def test_prompts_cover_the_world_and_parse_back():
+    assert len(world.PROMPTS) == len(set(world.PROMPTS)) == 5 * 4 * 4
+    assert world.PROMPTS[0] == "a red circle on a plain background"
+    for prompt in world.PROMPTS:
+        assert world.make_prompt(*world.parse_prompt(prompt)) == prompt
+    with pytest.raises(ValueError):
+        world.parse_prompt("a cat riding a bike")
+
+
+def test_drawing_is_deterministic_per_seed():
+    a = world.draw("red", "triangle", "noisy", seed=3)
+    assert a.shape == (world.SIZE, world.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, world.draw("red", "triangle", "noisy", seed=3))
+    assert not np.array_equal(a, world.draw("red", "triangle", "noisy", seed=4))
+    images, prompts = world.random_dataset(6, seed=1)
+    images2, prompts2 = world.random_dataset(6, seed=1)
+    assert prompts == prompts2 and np.array_equal(images, images2)
+
+
+def test_checker_reads_drawn_images():
+    images, prompts = world.random_dataset(300, seed=7)
+    found = [world.check(img) for img in images]
+    for i, key in enumerate(("colour", "shape", "background")):
+        accuracy = np.mean([f[key] == world.parse_prompt(p)[i] for f, p in zip(found, prompts)])
+        assert accuracy >= 0.95, (key, accuracy)
+    # a picture with no shape and no texture: no colour or shape is claimed, the background is plain
+    grey = np.full((world.SIZE, world.SIZE, 3), 128, dtype=np.uint8)
+    assert world.check(grey) == {"colour": None, "shape": None, "background": "plain"}
+
+
+def test_tinyworld_reward_prefers_matching_prompts():
+    reward = get_reward("tinyworld")
+    images, prompts = world.random_dataset(40, seed=2)
+    matching = reward(images, prompts)
+    # the same images under a caption that differs in exactly one attribute, or in all three
+    one_off, all_off = [], []
+    for p in prompts:
+        colour, shape, background = world.parse_prompt(p)
+        other_colour = [c for c in world.COLOURS if c != colour][0]
+        other_shape = [s for s in world.SHAPES if s != shape][0]
+        other_background = [b for b in world.BACKGROUNDS if b != background][0]
+        one_off.append(world.make_prompt(other_colour, shape, background))
+        all_off.append(world.make_prompt(other_colour, other_shape, other_background))
+    assert matching.shape == (40,) and matching.dtype == np.float32
+    assert matching.mean() >= 0.95
+    assert abs((matching - reward(images, one_off)).mean() - 1 / 3) < 0.05  # one attribute of three is lost
+    assert matching.mean() > reward(images, one_off).mean() > reward(images, all_off).mean()
+    assert reward(images, all_off).mean() <= 0.05
+
+
+def test_tokenizer_makes_each_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    alphabet = list(world.bytes_to_unicode().values())
+    assert len(set(alphabet)) == 256 and all(c.isprintable() and not c.isspace() for c in alphabet)
+    vocab_size = world.write_tokenizer(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    assert len(vocab) == vocab_size
+    tokens = sorted(vocab, key=vocab.get)
+    assert tokens[:256] == alphabet and tokens[256:512] == [c + "</w>" for c in alphabet]
+    assert tokens[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+    assert (tmp_path / "merges.txt").read_text().startswith("#version: 0.2\n")
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    for word in world.WORDS:
+        ids = tokenizer(word).input_ids
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert len(ids) == 3 and tokenizer.convert_ids_to_tokens(ids[1]) == word + "</w>", word
+    ids = tokenizer("a Red  CIRCLE on a plain background", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[1:8] == [vocab[w + "</w>"] for w in "a red circle on a plain background".split()]
+    # words outside the world still tokenize, into byte-level pieces
+    assert len(tokenizer("zebra").input_ids) > 3
+
+
+needs_weights = pytest.mark.skipif(not (TINY / "unet").is_dir(), reason="weights/tiny not made yet "
+                                   "(python -m nanoddpo.pretrain --out weights/tiny)")
+
+
+@needs_weights
+def test_bundled_model_loads_and_is_small():
+    from nanoddpo.model import StableDiffusion
+
+    size = sum(f.stat().st_size for f in TINY.rglob("*") if f.is_file())
+    assert size <= 25e6
+    assert json.loads((TINY / "prompts.json").read_text()) == world.PROMPTS
+    sd = StableDiffusion.from_pretrained(TINY)
+    assert sd.latent_shape == (4, 8, 8) and sd.image_size == world.SIZE
+    context = sd.encode_prompts(world.PROMPTS[:2])
+    assert context.shape == (2, 77, sd.text_encoder.cfg["hidden_size"])
+
+
+@needs_weights
+def test_bundled_model_draws_what_it_is_asked():
+    import torch
+
+    from nanoddpo.ddim import sample
+    from nanoddpo.model import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(TINY)
+    prompts = world.PROMPTS[::5]  # 16 captions: every colour, shape and background
+    images = sample(sd, prompts, seeds=range(len(prompts)), num_steps=10, guidance_scale=5.0).images
+    images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    # chance is about 0.23 (1/5 colours, 1/4 shapes, 1/4 backgrounds)
+    assert world.tinyworld_reward(images, prompts).mean() > 0.5
