@@ -1,0 +1,310 @@
+"""
+Make the bundled tiny text-to-image model (weights/tiny) from scratch on a CPU, on pictures from nanoddpo/world.py.
+
+    python -m nanoddpo.pretrain --out weights/tiny          # about 30 min on 2 CPU cores, fixed seeds
+    python -m nanoddpo.pretrain --out /tmp/t --vae_steps 50 --unet_steps 50 --eval_samples 16   # a 1-minute smoke run
+
+It is Stable Diffusion in miniature, trained the way SD was, one stage after the other:
+  1. tokenizer: a CLIP-format BPE vocabulary in which every word of the world is one token (world.write_tokenizer);
+  2. VAE: a KL autoencoder, 32x32x3 images <-> 8x8x4 latents, trained on reconstruction MSE plus a small KL term;
+     then scaling_factor = 1 / std of the latents, so the diffusion model sees unit-variance latents (SD: 0.18215);
+  3. UNet and text encoder, trained together from scratch on the epsilon-prediction loss with SD's schedule
+     (1000 steps, scaled-linear betas 0.00085..0.012, from nanoddpo/ddim.py). The text encoder learns end to end
+     through the cross-attention; 10% of captions are replaced by "" so classifier-free guidance works;
+  4. evaluation: samples at guidance 5 read back by the world's checker, and their JPEG sizes.
+The result loads with StableDiffusion.from_pretrained like SD v1-4, and is saved with prompts.json (the 80 captions
+train.py and sample.py use for it) and pretrain.json (these settings and the evaluation numbers).
+"""
+import argparse
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from nanoddpo import world
+from nanoddpo.ddim import DDIM, sample
+from nanoddpo.model import StableDiffusion, load_tokenizer, save_json
+from nanoddpo.rewards import jpeg_kb
+
+# Sizes: a forward of the UNet on a CFG-doubled batch of 64 takes about 0.1 s on 2 CPU cores, which is what makes
+# DDPO on this model a matter of minutes. In fp32 the three networks take under 10 MB.
+UNET = {
+    "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 8,
+    "norm_eps": 1e-5, "cross_attention_dim": 64, "in_channels": 4, "out_channels": 4, "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "center_input_sample": False,
+    "mid_block_scale_factor": 1,
+}
+VAE = {  # three levels: factor 4, 32x32 images <-> 8x8 latents (one latent cell per 4x4 pixels)
+    "block_out_channels": [32, 32, 64], "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4,
+    "in_channels": 3, "out_channels": 3, "act_fn": "silu", "sample_size": world.SIZE,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+}
+TEXT = {  # vocab_size and the special token ids are filled in from the tokenizer
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 64, "num_attention_heads": 4,
+    "intermediate_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "projection_dim": 64,
+}
+SCHEDULER = {  # SD v1-4's scheduler_config.json: the schedule nanoddpo/ddim.py implements
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
+    "skip_prk_steps": True,
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
+    "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="weights/tiny", help="model folder to write (published SD layout)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the training order")
+    p.add_argument("--images", type=int, default=20000, help="drawn training images (250 per caption)")
+    p.add_argument("--vae_steps", type=int, default=500, help="VAE optimizer steps")
+    p.add_argument("--vae_batch", type=int, default=32, help="VAE batch size")
+    p.add_argument("--vae_lr", type=float, default=2e-3, help="VAE AdamW learning rate (cosine decay to 10%%)")
+    p.add_argument("--kl_weight", type=float, default=1e-3, help="weight of the KL term per latent element "
+                   "(reconstruction MSE is per pixel, images in [-1, 1])")
+    p.add_argument("--unet_steps", type=int, default=2500, help="UNet + text encoder optimizer steps")
+    p.add_argument("--batch", type=int, default=64, help="UNet batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder AdamW learning rate (cosine to 10%%)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps of both learning rates")
+    p.add_argument("--cfg_dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt")
+    p.add_argument("--ema", type=float, default=0.998, help="decay of the weight average that is saved")
+    p.add_argument("--eval_samples", type=int, default=320, help="samples drawn at the end to measure the model")
+    p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps (eta 1) of those samples")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of those samples")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default). On a "
+                   "machine shared with other jobs, 1 avoids threads waiting on each other and is often faster")
+    return p.parse_args(argv)
+
+
+def lr_at(step, total, warmup):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def to_unit_range(images_uint8):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(images01):
+    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8, rounded as the rewards expect."""
+    return (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def vae_moments(vae, images):
+    """Mean and log-variance of the latent Gaussian. VAE.encode returns only the mean (all sampling needs); training
+    needs the log-variance too, which is the other half of quant_conv's output, so catch that output on its way."""
+    caught = []
+    handle = vae.quant_conv.register_forward_hook(lambda module, inputs, output: caught.append(output))
+    try:
+        vae.encode(images)
+    finally:
+        handle.remove()
+    mean, logvar = caught[0].chunk(2, dim=1)
+    return mean, logvar.clamp(-30, 20)  # SD's clamp: keeps exp(logvar) finite early in training
+
+
+def train_vae(sd, images, args, gen):
+    vae = sd.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    bar = tqdm(range(args.vae_steps), desc="1/3 VAE")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = args.vae_lr * lr_at(step, args.vae_steps, args.warmup)
+        x = to_unit_range(images[torch.randint(len(images), (args.vae_batch,), generator=gen).numpy()])
+        mean, logvar = vae_moments(vae, x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen)  # reparameterised latent sample
+        mse = F.mse_loss(vae.decode(z), x)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()  # KL(N(mean, var) || N(0, 1)) per latent element
+        loss = mse + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.2f}")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae, images, batch=500):
+    """Latent means and stds of every training image, unscaled: (N, 4, 8, 8) each."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="   encode"):
+        mean, logvar = vae_moments(vae, to_unit_range(images[i:i + batch]))
+        means.append(mean)
+        stds.append((0.5 * logvar).exp())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(sd, latent_mean, latent_std, prompt_index, args, gen):
+    """Epsilon prediction (DDPM's simple loss) for the UNet and the text encoder together.
+
+    prompt_index[i] is image i's caption as an index into world.PROMPTS. Each distinct caption of a batch is encoded
+    once (a batch of 64 holds about 45 of the 81) and its context shared by the images that carry it."""
+    unet, text_encoder = sd.unet.train().requires_grad_(True), sd.text_encoder.train().requires_grad_(True)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    alpha_bar = DDIM().alpha_bar  # (1000,) the training schedule, from the one copy in ddim.py
+    ids = sd.tokenize(world.PROMPTS + [""])  # (81, 77); the last row is the empty prompt
+    empty = len(world.PROMPTS)
+    bar = tqdm(range(args.unet_steps), desc="2/3 UNet + text encoder")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_at(step, args.unet_steps, args.warmup)
+        idx = torch.randint(len(latent_mean), (args.batch,), generator=gen)
+        z0 = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * sd.scaling_factor
+        caption = prompt_index[idx].clone()
+        caption[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = empty
+        t = torch.randint(1000, (args.batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        ab = alpha_bar[t].view(-1, 1, 1, 1)
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise  # forward process q(z_t | z_0)
+        distinct, which = caption.unique(return_inverse=True)
+        context = text_encoder(ids[distinct])[which]  # (B, 77, D)
+        loss = F.mse_loss(unet(z_t, t, context), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        # the saved weights are an exponential moving average: far less noisy samples after a short run
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+
+def agreement(images, prompts):
+    """Per-attribute and all-three agreement of the checker with the prompts, and the per-image results."""
+    found = [world.check(img) for img in images]
+    keys = ("colour", "shape", "background")
+    hits = np.array([[f[k] == v for k, v in zip(keys, world.parse_prompt(p))] for f, p in zip(found, prompts)])
+    rates = {k: float(hits[:, i].mean()) for i, k in enumerate(keys)}
+    rates["all"] = float(hits.all(1).mean())
+    return rates, hits
+
+
+@torch.no_grad()
+def evaluate(sd, args, out):
+    """Checker on drawn images and VAE reconstructions, then samples at guidance args.guidance; returns a dict."""
+    results = {}
+    drawn, drawn_prompts = world.random_dataset(800, seed=args.seed + 1)  # not the training images
+    results["checker_on_drawn"] = agreement(drawn, drawn_prompts)[0]
+    recon = to_uint8(sd.vae.decode(sd.vae.encode(to_unit_range(drawn))) / 2 + 0.5)
+    results["checker_on_vae_reconstructions"] = agreement(recon, drawn_prompts)[0]
+    results["vae_reconstruction_mse_uint8"] = float(((recon.astype(np.float64) - drawn) ** 2).mean())
+
+    prompts = [world.PROMPTS[i % len(world.PROMPTS)] for i in range(args.eval_samples)]
+    seeds = [10_000 + i for i in range(args.eval_samples)]
+    images = []
+    for i in tqdm(range(0, len(prompts), 80), desc="3/3 evaluate"):
+        traj = sample(sd, prompts[i:i + 80], seeds[i:i + 80], num_steps=args.eval_steps, guidance_scale=args.guidance)
+        images.append(to_uint8(traj.images))
+    images = np.concatenate(images)
+    rates, hits = agreement(images, prompts)
+    results["checker_on_samples"] = rates
+    results["tinyworld_reward_of_samples"] = float(world.tinyworld_reward(images, prompts).mean())
+    for name, imgs in (("samples", images), ("drawn", drawn)):
+        kb = jpeg_kb(imgs)
+        results[f"jpeg_kb_q95_of_{name}"] = {stat: round(float(getattr(kb, stat)()), 3)
+                                             for stat in ("min", "mean", "max", "std")}
+    by_attribute = {}
+    for i, key in enumerate(("colour", "shape", "background")):
+        for value in (world.COLOURS if key == "colour" else world.SHAPES if key == "shape" else world.BACKGROUNDS):
+            rows = [j for j, p in enumerate(prompts) if world.parse_prompt(p)[i] == value]
+            by_attribute[f"{key}={value}"] = float(hits[rows].all(1).mean())
+    results["all_three_correct_by_attribute"] = by_attribute
+    failures = Counter(p for p, h in zip(prompts, hits) if not h.all())
+    results["prompts_failed_most"] = failures.most_common(10)
+    # contact sheet, 16 per row in PROMPTS order: with 160 or more samples, every caption twice
+    rows = min(10, len(images) // 16)
+    grid = images[:16 * rows].reshape(rows, 16, *images.shape[1:])
+    sheet = np.concatenate([np.concatenate(list(row), axis=1) for row in grid], axis=0)
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "samples.png")
+    return results
+
+
+def size_mb(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+
+    # 0. data and tokenizer
+    images, prompts = world.random_dataset(args.images, seed=args.seed)
+    prompt_index = torch.tensor([world.PROMPTS.index(p) for p in prompts])
+    tokenizer_dir = Path(tempfile.mkdtemp()) / "tokenizer"
+    vocab_size = world.write_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    text_cfg = dict(TEXT, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sd = StableDiffusion(UNET, VAE, text_cfg, tokenizer)
+    counts = {name: sum(p.numel() for p in getattr(sd, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    print(f"{len(images)} images of {len(world.PROMPTS)} captions, vocab {vocab_size} tokens")
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()) +
+          f" ({4 * sum(counts.values()) / 1e6:.1f} MB in fp32)")
+    print(f"VAE: {args.vae_steps} steps x {args.vae_batch} images; UNet: {args.unet_steps} steps x {args.batch} latents "
+          f"= {args.unet_steps * args.batch / len(images):.1f} epochs")
+
+    train_vae(sd, images, args, gen)
+    latent_mean, latent_std = encode_all(sd.vae, images)
+    # scale so that the latents the UNet sees have unit variance (SD v1's 0.18215 plays the same role)
+    latents = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)
+    scaling_factor = float(1 / latents.std())
+    sd.scaling_factor = sd.vae.cfg["scaling_factor"] = round(scaling_factor, 5)
+    print(f"scaling_factor = {sd.scaling_factor}")
+
+    train_unet(sd, latent_mean, latent_std, prompt_index, args, gen)
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd.save_pretrained(out)
+    if not (out / "scheduler" / "scheduler_config.json").is_file():
+        (out / "scheduler").mkdir(exist_ok=True)
+        save_json(SCHEDULER, out / "scheduler" / "scheduler_config.json")
+    if not (out / "model_index.json").is_file():
+        save_json(MODEL_INDEX, out / "model_index.json")
+    save_json(world.PROMPTS, out / "prompts.json")
+    train_minutes = (time.time() - start) / 60
+
+    sd = StableDiffusion.from_pretrained(out)  # evaluate exactly what was written
+    results = evaluate(sd, args, out)
+    results["train_minutes"] = round(train_minutes, 1)
+    results["parameters"] = counts
+    save_json({"settings": vars(args), "results": results}, out / "pretrain.json")
+    print(json.dumps(results, indent=2))
+    print(f"wrote {out} ({size_mb(out):.1f} MB) in {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
