@@ -30,7 +30,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter
 parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
                     "the base model. Default: base and the latest checkpoint of the newest run under runs/")
 parser.add_argument("--model", help="base model folder (published SD layout)")
-parser.add_argument("--prompts", nargs="+", help="default: the first 4 of the model's prompts.json, else 4 animals")
+parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the model's prompts.json, else 4 animals")
 parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prompt's images instead (one image each); "
                     "the same seeds in every row")
@@ -105,7 +105,8 @@ def main(args):
     except LoadError as e:
         fail(e)
     prompts_file = Path(args.model) / "prompts.json"
-    prompts = args.prompts or (json.loads(prompts_file.read_text())[:4] if prompts_file.is_file() else DEFAULT_PROMPTS)
+    model_prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else DEFAULT_PROMPTS
+    prompts = args.prompts or model_prompts[:: max(1, len(model_prompts) // 4)][:4]  # 4 spread over the list
     reward_fn = get_reward(args.reward) if args.reward else None
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None
     # every column is one (prompt, seed) pair, rendered identically in every row

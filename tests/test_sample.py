@@ -6,6 +6,7 @@ failing with one clear line instead of a traceback.
 """
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,16 +53,20 @@ def cell(png, row, column, rows_have_rewards=True):
 
 
 def test_default_compares_base_with_latest_checkpoint(workdir, tiny_model_dir):
-    long_prompt = "a cat " * 60  # 120 words: more than 77 tokens
-    out = run_sample("--model", tiny_model_dir, "--steps", 2, "--reward", "jpeg", "--per-prompt", 2,
-                     "--prompts", "a cat", long_prompt, "--out", "grid.png", cwd=workdir)
+    model = workdir / "model"  # the tiny model plus a prompts.json, as weights/tiny ships it
+    shutil.copytree(tiny_model_dir, model)
+    prompts = [f"a cat number {i}" for i in range(8)]
+    prompts[2] = "a cat " * 60  # 120 words: more than 77 tokens
+    (model / "prompts.json").write_text(json.dumps(prompts))
+    out = run_sample("--model", model, "--steps", 2, "--reward", "jpeg", "--per-prompt", 2, "--out", "grid.png",
+                     cwd=workdir)
     assert out.returncode == 0, out.stderr
-    assert f"base model: {tiny_model_dir}" in out.stdout.splitlines()[0]
+    assert out.stdout.splitlines()[0] == f"base model: {model}"
     assert "truncated" in out.stderr  # the long prompt is cut to 77 tokens with a warning, not an error
     assert "base: mean jpeg reward" in out.stdout
     assert "runs/demo/checkpoints/step_2: mean jpeg reward" in out.stdout  # the latest checkpoint, not step_1
     png = Image.open(workdir / "grid.png")
-    assert png.size == (LEFT + 4 * CELL, LINE + 2 * (CELL + LINE))  # 2 prompts x 2 seeds, 2 rows with rewards
+    assert png.size == (LEFT + 4 * 2 * CELL, LINE + 2 * (CELL + LINE))  # 4 of the 8 prompts x 2 seeds; 2 rows
     assert not np.array_equal(cell(png, 0, 0), cell(png, 1, 0))  # the checkpoint's weights were applied
     assert not np.array_equal(cell(png, 0, 0), cell(png, 0, 1))  # seeds 0 and 1 differ
 
