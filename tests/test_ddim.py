@@ -189,7 +189,11 @@ class ToySD:
 
 def test_sample_returns_the_trajectory_training_needs():
     sd, ddim = ToySD(), DDIM(4)
+    batch_sizes = []
+    hook = sd.unet.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
     traj = sample(sd, ["a cat", "a dog"], seeds=[0, 1], num_steps=4)
+    hook.remove()
+    assert batch_sizes == [4] * 4  # one UNet call per step, uncond and cond together
     assert traj.images.shape == (2, 3, 8, 8) and 0 <= traj.images.min() and traj.images.max() <= 1
     assert traj.latents.shape == (2, 5, 4, 8, 8)
     assert traj.log_probs.shape == (2, 4)
