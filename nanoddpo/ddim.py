@@ -44,6 +44,12 @@ class DDIM:
         self.timesteps = self.timesteps.to(device)
         return self
 
+    def add_noise(self, x0, noise, t):
+        """The forward process q(x_t | x_0) = Normal(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), sampled with `noise`
+        at any of the 1000 training timesteps t (B,): what the denoising loss of pretraining and RWR trains on."""
+        alpha_bar_t = torch.take(self.alpha_bar.to(x0.device), t).reshape(-1, *[1] * (x0.ndim - 1))
+        return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
+
     def sigma(self, t, eta=1.0, device=None):
         """Std of the step's Gaussian at timestep(s) t (DDIM eq. 16): 0.454 at t = 981 down to 0.021 at t = 1 for eta = 1."""
         alpha_bar_t, alpha_bar_prev = self._alpha_bars(t, device or self.alpha_bar.device)

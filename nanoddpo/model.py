@@ -575,6 +575,9 @@ def save_safetensors(tensors, path, metadata=None):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600 whatever the umask; a shared weights folder needs 0644
     os.replace(tmp, path)
 
 

@@ -1,0 +1,85 @@
+"""
+Training checkpoints: runs/<name>/checkpoints/step_<N>/, written by train.py, read by train.py --resume and sample.py.
+
+    step_<N>/lora.safetensors     the LoRA tensors (<layer>.lora_A.weight, ...), or
+    step_<N>/unet.safetensors     the full fine-tuned UNet under the published key names (drops in for the original)
+    step_<N>/optimizer.safetensors  AdamW moments;  rng.safetensors  torch RNG states
+    step_<N>/state.json           epoch, step, base model, settings, per-prompt reward buffers, optimizer settings
+
+Tensors are safetensors and everything else JSON, never pickles. A checkpoint is written to a hidden temp folder and
+renamed into place, so a run killed in the middle of a save loses that save and nothing else.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from nanoddpo.lora import apply_lora_file, lora_state_dict
+from nanoddpo.model import LoadError, save_json, save_safetensors
+
+
+def checkpoints_of(run):
+    """A run's checkpoints, oldest first."""
+    return sorted(Path(run, "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[-1]))
+
+
+def latest_run_checkpoint(runs="runs"):
+    """The latest checkpoint of the most recently written run under `runs`, or None."""
+    found = [checkpoints_of(r)[-1] for r in Path(runs).glob("*") if checkpoints_of(r)]
+    return max(found, key=lambda c: c.stat().st_mtime) if found else None
+
+
+def save_checkpoint(run_dir, sd, lora, optimizer, state, keep=3):
+    """Write step_<state['global_step']> atomically and keep the newest `keep` checkpoints."""
+    final = Path(run_dir) / "checkpoints" / f"step_{state['global_step']}"
+    tmp = final.with_name(".tmp_" + final.name)  # not matched by step_*: a save killed half way is ignored
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = lora_state_dict(sd.unet) if lora else sd.unet.state_dict()
+    save_safetensors(weights, tmp / ("lora.safetensors" if lora else "unet.safetensors"))
+    moments = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    save_safetensors(moments, tmp / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    save_safetensors(rng, tmp / "rng.safetensors")
+    save_json(dict(state, base_model=sd.path, base_fingerprint=sd.fingerprint,
+                   optimizer_groups=optimizer.state_dict()["param_groups"]), tmp / "state.json")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in checkpoints_of(run_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def apply_checkpoint(sd, ckpt):
+    """Put a checkpoint's weights into sd.unet (adding LoRA layers for a LoRA checkpoint). Returns its state.json."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "state.json").is_file():
+        raise LoadError(f"{ckpt} is not a nanoddpo checkpoint (no state.json)")
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("base_fingerprint") != sd.fingerprint:
+        raise LoadError(f"{ckpt} was trained on a different base model ({state.get('base_model')}) than {sd.path}; "
+                        f"pass its base model with --model")
+    if (ckpt / "lora.safetensors").is_file():
+        apply_lora_file(sd.unet, ckpt / "lora.safetensors")
+    elif (ckpt / "unet.safetensors").is_file():
+        sd.unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
+    else:
+        raise LoadError(f"{ckpt} holds neither lora.safetensors nor unet.safetensors")
+    return state
+
+
+def resume(ckpt, sd, optimizer):
+    """Restore weights, optimizer and RNG from a checkpoint; returns its state.json (epoch, step, reward buffers)."""
+    state = apply_checkpoint(sd, ckpt)
+    moments = {}
+    for key, value in load_file(Path(ckpt) / "optimizer.safetensors").items():
+        i, name = key.split(".", 1)
+        moments.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": state["optimizer_groups"]})
+    rng = load_file(Path(ckpt) / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
