@@ -434,7 +434,7 @@ if __name__ == "__main__":
     try:
         settings, ckpt = parse_settings()
         main(settings, ckpt)
-    except (SettingsError, LoadError) as e:
+    except (SettingsError, LoadError, FileNotFoundError) as e:  # FileNotFoundError: a reward model not downloaded
         sys.exit(f"train.py: error: {e}")
     finally:
         if dist.is_initialized():
