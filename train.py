@@ -221,9 +221,9 @@ def main(s, resume_ckpt=None):
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if s.device == "auto":
-        s.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    device, cuda = torch.device(s.device), s.device.startswith("cuda")
+    auto = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if s.device == "auto" else s.device)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     precision = ("bf16" if cuda else "fp32") if s.precision == "auto" else s.precision
