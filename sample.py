@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
-from nanoddpo.lora import apply_lora_file
 from nanoddpo.model import LoadError, StableDiffusion, resolve_model
 from nanoddpo.rewards import REWARDS, get_reward
 
@@ -43,41 +42,6 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 
 def fail(message):
     sys.exit(f"sample.py: error: {message}")
-
-
-def checkpoints_of(run):
-    """A run's checkpoints runs/<name>/checkpoints/step_<N>/, oldest first."""
-    return sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[-1]))
-
-
-def latest_run_checkpoint(runs=Path("runs")):
-    """The latest checkpoint of the most recently written run that has one, or None."""
-    runs = [r for r in runs.glob("*") if r.is_dir() and checkpoints_of(r)] if runs.is_dir() else []
-    return checkpoints_of(max(runs, key=lambda r: checkpoints_of(r)[-1].stat().st_mtime))[-1] if runs else None
-
-
-def load_checkpoint_into(sd, ckpt_dir):
-    """Put a checkpoint's weights into sd.unet: a full UNet (unet.safetensors, published key names) or a LoRA.
-    Raises LoadError when the checkpoint cannot be used, e.g. when it was trained on another base model."""
-    ckpt_dir = Path(ckpt_dir)
-    other_base = LoadError(f"{ckpt_dir} was trained on a different base model than {getattr(sd, 'path', 'this one')}; "
-                           f"pass its base model with --model")
-    state = json.loads((ckpt_dir / "state.json").read_text()) if (ckpt_dir / "state.json").is_file() else {}
-    if None not in (state.get("base_fingerprint"), getattr(sd, "fingerprint", None)) and \
-            state["base_fingerprint"] != sd.fingerprint:
-        raise other_base
-    if (ckpt_dir / "unet.safetensors").is_file():
-        tensors, ours = load_file(ckpt_dir / "unet.safetensors"), sd.unet.state_dict()
-        if tensors.keys() != ours.keys() or any(tensors[k].shape != v.shape for k, v in ours.items()):
-            raise other_base
-        sd.unet.load_state_dict(tensors, strict=True)
-    elif (ckpt_dir / "lora.safetensors").is_file():
-        try:
-            apply_lora_file(sd.unet, ckpt_dir / "lora.safetensors")
-        except ValueError:
-            raise other_base from None
-    else:
-        raise LoadError(f"{ckpt_dir} holds neither unet.safetensors nor lora.safetensors")
 
 
 def main(args):
@@ -117,8 +81,8 @@ def main(args):
         sd.unet = copy.deepcopy(base_unet)
         if ckpt != "base":
             try:
-                load_checkpoint_into(sd, ckpt)
-            except LoadError as e:
+                apply_checkpoint(sd, ckpt)  # refuses a checkpoint of another base model
+            except (LoadError, ValueError) as e:
                 fail(e)
         images = to_uint8(sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
                                  autocast=autocast).images)

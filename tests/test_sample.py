@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanoddpo.model import LoadError, StableDiffusion, save_safetensors
+from nanoddpo.model import StableDiffusion, save_safetensors
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample.py"
 CELL, LEFT, LINE = 128, 110, 14  # grid geometry of sample.py: image cells, row-label margin, text line
@@ -104,8 +104,9 @@ def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     sd = StableDiffusion.from_pretrained(tiny_model_dir)
     state = sd.unet.state_dict()
     state["conv_in.weight"] = torch.zeros(16, *state["conv_in.weight"].shape[1:])  # a narrower UNet
-    write_checkpoint(workdir / "runs/other/checkpoints/step_1", state, sd.fingerprint)
-    out = run_sample("--model", tiny_model_dir, "--steps", 1, "--ckpt", "runs/other/checkpoints/step_1", cwd=workdir)
+    # outside runs/, so that the default run of the test above always finds runs/demo as the newest run
+    write_checkpoint(workdir / "elsewhere/other/checkpoints/step_1", state, "0123456789abcdef")
+    out = run_sample("--model", tiny_model_dir, "--steps", 1, "--ckpt", "elsewhere/other", cwd=workdir)
     assert out.returncode != 0
     assert "trained on a different base model" in out.stderr
     assert "Traceback" not in out.stderr
@@ -126,25 +127,10 @@ def test_bad_settings_exit_with_one_clear_line(workdir, tiny_model_dir, args, me
     assert message in str(exit_info.value.code)
 
 
-def test_load_checkpoint_into(workdir, tiny_model_dir):
-    script = load_sample_script()
-    sd = StableDiffusion.from_pretrained(tiny_model_dir)
-    ckpt = workdir / "runs/demo/checkpoints/step_2"
-    script.load_checkpoint_into(sd, ckpt)
-    from safetensors.torch import load_file
-
-    assert all(torch.equal(v, sd.unet.state_dict()[k]) for k, v in load_file(ckpt / "unet.safetensors").items())
-    # the same tensors under another base model's fingerprint are refused before they are loaded
-    other = write_checkpoint(workdir / "runs/fp/checkpoints/step_1", sd.unet.state_dict(), "0123456789abcdef")
-    with pytest.raises(LoadError, match="different base model"):
-        script.load_checkpoint_into(sd, other)
-
-
-def test_load_lora_checkpoint(workdir, tiny_model_dir):
-    """A LoRA checkpoint as train.py writes it (lora.safetensors beside state.json) changes the UNet's output."""
+def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
+    """A LoRA checkpoint as train.py writes it (lora.safetensors beside state.json) gets its own, different row."""
     from nanoddpo.lora import add_lora, lora_state_dict
 
-    script = load_sample_script()
     trained = StableDiffusion.from_pretrained(tiny_model_dir)
     add_lora(trained.unet, rank=2)
     torch.manual_seed(0)
@@ -152,15 +138,15 @@ def test_load_lora_checkpoint(workdir, tiny_model_dir):
         for name, p in trained.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)  # B starts at zero; a trained LoRA has moved it
-    ckpt = workdir / "runs/lora/checkpoints/step_3"
+    ckpt = workdir / "elsewhere/lora/checkpoints/step_3"
     ckpt.mkdir(parents=True)
     save_safetensors(lora_state_dict(trained.unet), ckpt / "lora.safetensors")
     (ckpt / "state.json").write_text(json.dumps({"base_fingerprint": trained.fingerprint}))
 
-    sd = StableDiffusion.from_pretrained(tiny_model_dir)
-    x, context = torch.randn(1, 4, 8, 8), sd.encode_prompts(["a cat"])
-    base_eps = sd.unet(x, 501, context)
-    script.load_checkpoint_into(sd, ckpt)
-    with torch.no_grad():
-        torch.testing.assert_close(sd.unet(x, 501, context), trained.unet(x, 501, context))
-        assert not torch.allclose(sd.unet(x, 501, context), base_eps)
+    monkeypatch.chdir(workdir)
+    script = load_sample_script()
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base", str(ckpt),
+                                          "--prompts", "a cat", "--out", "lora.png"]))
+    png = Image.open(workdir / "lora.png")
+    assert png.size == (LEFT + CELL, LINE + 2 * CELL)
+    assert not np.array_equal(cell(png, 0, 0, False), cell(png, 1, 0, False))
