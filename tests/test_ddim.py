@@ -272,12 +272,12 @@ def test_end_to_end_parity_with_diffusers_pipeline(tiny_sd):
 def test_same_seed_same_image_whatever_the_batch_tiny_model(tiny_sd):
     """The noise of a sample depends only on its seed, bit for bit. The images agree to float32 rounding, not bit for
     bit: CPU matrix kernels block rows differently by batch size and row position (two identical rows of one matmul
-    can differ in the last bit), so the UNet itself is not batch-invariant. Measured: max difference ~1.4e-6."""
+    can differ in the last bit), so the UNet itself is not batch-invariant. Measured: relative difference ~1e-6."""
     batch = sample(tiny_sd, ["a dog", "a red cat", "a cat"], seeds=[9, 3, 5], num_steps=3)
     single = sample(tiny_sd, ["a red cat"], seeds=[3], num_steps=3)
     assert torch.equal(batch.latents[1, 0], single.latents[0, 0])
-    torch.testing.assert_close(batch.latents[1], single.latents[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(batch.images[1], single.images[0], rtol=1e-5, atol=1e-5)
+    for ours, alone in [(batch.latents[1], single.latents[0]), (batch.images[1], single.images[0])]:
+        assert (ours - alone).norm() / alone.norm() < 1e-5
     assert (batch.images[0] - batch.images[1]).abs().max() > 1e-2  # different seeds, visibly different images
 
 
