@@ -90,7 +90,7 @@ def main(args):
         if reward_fn:
             rewards.append(reward_fn(images, column_prompts))
             print(f"{ckpt}: mean {args.reward} reward {np.mean(rewards[-1]):.4f} over {len(images)} images")
-    labels = [f"{p} #{s}" if len(seeds) > 1 else p for p, s in zip(column_prompts, column_seeds)]
+    labels = [f"#{s} {p}" if len(seeds) > 1 else p for p, s in zip(column_prompts, column_seeds)]  # seed first: long prompts get cut
     row_labels = [c if c == "base" else f"{Path(c).parent.parent.name}/{Path(c).name}" for c in ckpts]  # run/step_N
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid(rows, row_labels, labels, rewards if reward_fn else None).save(args.out)
