@@ -72,10 +72,10 @@ def get_args(argv=None):
     p.add_argument("--out", default="weights/tiny", help="model folder to write (published SD layout)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the training order")
     p.add_argument("--images", type=int, default=20000, help="drawn training images (250 per caption)")
-    p.add_argument("--vae_steps", type=int, default=500, help="VAE optimizer steps")
+    p.add_argument("--vae_steps", type=int, default=1200, help="VAE optimizer steps")
     p.add_argument("--vae_batch", type=int, default=32, help="VAE batch size")
     p.add_argument("--vae_lr", type=float, default=2e-3, help="VAE AdamW learning rate (cosine decay to 10%%)")
-    p.add_argument("--kl_weight", type=float, default=1e-3, help="weight of the KL term per latent element "
+    p.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the KL term per latent element "
                    "(reconstruction MSE is per pixel, images in [-1, 1])")
     p.add_argument("--unet_steps", type=int, default=2500, help="UNet + text encoder optimizer steps")
     p.add_argument("--batch", type=int, default=64, help="UNet batch size")
@@ -278,6 +278,10 @@ def main(argv=None):
           f"= {args.unet_steps * args.batch / len(images):.1f} epochs")
 
     train_vae(sd, images, args, gen)
+    drawn, drawn_prompts = world.random_dataset(400, seed=args.seed + 1)
+    with torch.no_grad():
+        recon = to_uint8(sd.vae.decode(sd.vae.encode(to_unit_range(drawn))) / 2 + 0.5)
+    print(f"checker on VAE reconstructions of drawn images: {agreement(recon, drawn_prompts)[0]}")
     latent_mean, latent_std = encode_all(sd.vae, images)
     # scale so that the latents the UNet sees have unit variance (SD v1's 0.18215 plays the same role)
     latents = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)

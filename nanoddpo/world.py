@@ -8,8 +8,8 @@ on a grey background, a checker that reads the caption back from the pixels, and
 
 Shapes are saturated colours and backgrounds are grey, so the checker separates them by saturation alone; it then
 names the colour by hue, the shape by how it fills its bounding box, and the background by how its grey levels vary.
-Every scale below is chosen so that it survives the tiny VAE (factor 4, one latent cell per 4x4 pixels): stripes are
-4 px wide and the noise comes in 2 px blocks. nanoddpo/pretrain.py trains the tiny model on these pictures.
+Every scale below is chosen so that it survives the tiny VAE (factor 4, one latent cell per 4x4 pixels): shapes are
+at least 14 px across, stripes 4 px wide, and the noise comes in 4 px blocks. nanoddpo/pretrain.py trains the tiny model on these pictures.
 Run `python -m nanoddpo.world` to write a contact sheet of drawn examples (world.png) and the checker's accuracy.
 """
 import json
@@ -46,8 +46,11 @@ def parse_prompt(prompt):
     return words[1], words[2], words[5]
 
 
-# All 5 x 4 x 4 = 80 prompts, colour-major: the order of weights/tiny/prompts.json.
-PROMPTS = [make_prompt(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+# All 5 x 4 x 4 = 80 prompts, in the order of weights/tiny/prompts.json. Prompt 20a + 5b + c has background a,
+# shape a + b and colour a + c (mod 4, 4, 5): every 20th prompt differs in all three attributes, so the spread of
+# prompts sample.py shows (0, 20, 40, 60) covers every background and shape.
+PROMPTS = [make_prompt(list(COLOURS)[(a + c) % 5], SHAPES[(a + b) % 4], BACKGROUNDS[a])
+           for a in range(4) for b in range(4) for c in range(5)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,16 +80,16 @@ def _background(kind, rng):
         grey = np.tile(ramp[:, None], (1, SIZE))
         return grey if rng.random() < 0.5 else grey.T
     if kind == "noisy":
-        # independent grey levels in 2x2 pixel blocks around a random mean
-        blocks = rng.uniform(-70, 70, size=(SIZE // 2, SIZE // 2)) + rng.uniform(90, 165)
-        return np.clip(np.kron(blocks, np.ones((2, 2))), 0, 255)
+        # independent grey levels in 4x4 pixel blocks (one per latent cell) around a random mean
+        blocks = rng.uniform(-70, 70, size=(SIZE // 4, SIZE // 4)) + rng.uniform(90, 165)
+        return np.clip(np.kron(blocks, np.ones((4, 4))), 0, 255)
     raise ValueError(f"unknown background {kind!r}")
 
 
 def _shape_mask(shape, rng):
     """(SIZE, SIZE) float coverage in [0, 1] of one shape of random size and position, drawn supersampled."""
     big = SIZE * SUPERSAMPLE
-    side = rng.uniform(11, 20) * SUPERSAMPLE            # bounding box side, 11..20 px in the final image
+    side = rng.uniform(14, 22) * SUPERSAMPLE            # bounding box side, 14..22 px in the final image
     x0, y0 = rng.uniform(2 * SUPERSAMPLE, big - 2 * SUPERSAMPLE - side, size=2)
     x1, y1 = x0 + side, y0 + side
     canvas = Image.new("L", (big, big), 0)
@@ -177,7 +180,7 @@ def _classify_background(grey, keep):
     if values.std() < 12:
         return "plain"
     # stripes and gradients are constant along one axis: their row (or column) means explain almost all the
-    # variance, while 2 px noise blocks average out along every row and column
+    # variance, while noise blocks average out along every row and column
     best_explained, best_profile = 0.0, None
     for axis in (1, 0):
         counts = keep.sum(axis)

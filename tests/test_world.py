@@ -114,7 +114,13 @@ def test_bundled_model_draws_what_it_is_asked():
 
     sd = StableDiffusion.from_pretrained(TINY)
     prompts = world.PROMPTS[::5]  # 16 captions: every colour, shape and background
-    images = sample(sd, prompts, seeds=range(len(prompts)), num_steps=10, guidance_scale=5.0).images
+    # one thread: this model gains little from more, and on a busy machine spinning OpenMP threads cost 10x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = sample(sd, prompts, seeds=range(len(prompts)), num_steps=10, guidance_scale=5.0).images
+    finally:
+        torch.set_num_threads(threads)
     images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     # chance is about 0.23 (1/5 colours, 1/4 shapes, 1/4 backgrounds)
-    assert world.tinyworld_reward(images, prompts).mean() > 0.5
+    assert world.tinyworld_reward(images, prompts).mean() > 0.7  # 0.94 when made
