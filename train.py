@@ -91,6 +91,7 @@ class Settings:
     device: str = "auto"          # auto = cuda if available, else cpu
     precision: str = "auto"       # auto = bf16 on CUDA, fp32 on CPU | fp32 | bf16 | fp16 (with a GradScaler)
     compile: str = "auto"         # torch.compile the UNet: auto = on for CUDA | on | off
+    threads: int = 0              # CPU threads for torch; 0 = torch's default (one per core)
     # outputs
     save_every: int = 1           # epochs between checkpoints
     keep_checkpoints: int = 3     # older ones are deleted
@@ -231,6 +232,8 @@ def main(s, resume_ckpt=None):
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
     log = print if rank == 0 else (lambda *a, **k: None)
+    if s.threads:
+        torch.set_num_threads(s.threads)
 
     # --- derived quantities, checked before anything heavy -----------------------------------------------------
     if s.algo not in ALGOS:

@@ -1,10 +1,18 @@
 """Shared fixtures: tiny random Stable Diffusion models in the published layout, built in seconds on CPU."""
 import json
+import os
+
+# One thread per process: the tests' models are tiny, and on a 2-core machine two OpenMP threads contending with any
+# other process (a subprocess under test, a second rank) run 10-100x slower. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
 from nanoddpo.model import StableDiffusion, load_tokenizer
+from nanoddpo.world import write_tokenizer
+
+torch.set_num_threads(1)
 
 # The same architecture as SD v1-4 (see ../shared/reference/sd-v1-4/), shrunk: 2 UNet levels, 2 VAE levels, 2 text layers.
 TINY_UNET = {
@@ -26,24 +34,8 @@ TINY_TEXT = {
 }
 
 
-def bytes_to_unicode():
-    """CLIP's byte-level BPE alphabet: every byte gets a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in printable]
-    return dict(zip(printable + extra, [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]))
-
-
-def write_tiny_tokenizer(folder, merges=("r e", "re d</w>", "c a", "ca t</w>")):
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
-
-
 def make_tiny_sd(tmp_path, seed=0):
-    vocab_size = write_tiny_tokenizer(tmp_path / "tok")
+    vocab_size = write_tokenizer(tmp_path / "tok", words=("a", "red", "cat"))
     tokenizer = load_tokenizer(tmp_path / "tok")
     text = dict(TINY_TEXT, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import bytes_to_unicode
+from nanoddpo.world import bytes_to_unicode
 from nanoddpo.model import COMPONENTS, DROPPED, StableDiffusion, load_tokenizer, read_safetensors_header
 
 pytestmark = [
