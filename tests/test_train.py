@@ -84,7 +84,7 @@ def test_recomputed_log_probs_match_sampling(tiny_model_dir):
 # --- whole runs ---------------------------------------------------------------------------------------------------
 
 TINY_RUN = dict(prompts="simple_animals", num_steps=3, batch_size=4, batches_per_epoch=2, train_batch_size=4,
-                save_every=1, grid_every=1, stat_min_count=2)
+                grad_accum=1, timestep_fraction=1.0, clip_range=1e-4, save_every=1, grid_every=1, stat_min_count=2)
 
 
 def run(tmp_path, tiny_model_dir, **kw):
