@@ -192,7 +192,10 @@ def ddp_worker(rank, world, port, out, model_dir, kw):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes on two cores
-    sd = train.main(settings(model=model_dir, out_dir=out, **kw), None)
+    if "resume" in kw:  # continue a run under torchrun, as `torchrun ... train.py --resume runs/x --epochs N` does
+        sd = train.main(*train.parse_settings(["--resume", kw["resume"], "--epochs", str(kw["epochs"])]))
+    else:
+        sd = train.main(settings(model=model_dir, out_dir=out, **kw), None)
     save_safetensors(sd.unet.state_dict(), f"{out}/rank{rank}.safetensors")
 
 
@@ -208,6 +211,12 @@ def test_two_processes_train_as_one(tmp_path, tiny_model_dir):
     mp.spawn(ddp_worker, args=(2, port, str(tmp_path / "ddp"), str(tiny_model_dir), kw), nprocs=2)
     r0, r1 = (load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # (a) the ranks never drift apart
+    # --resume under torchrun: 1 epoch, then resume to 2, lands exactly where the uninterrupted run did
+    mp.spawn(ddp_worker, args=(2, port + 2, str(tmp_path / "cut"), str(tiny_model_dir), {**kw, "epochs": 1}), nprocs=2)
+    resumed = {"resume": str(tmp_path / "cut" / "ddp"), "epochs": 2}
+    mp.spawn(ddp_worker, args=(2, port + 3, str(tmp_path / "cut"), str(tiny_model_dir), resumed), nprocs=2)
+    again = load_file(tmp_path / "cut" / "rank0.safetensors")
+    assert all(torch.equal(r0[k], again[k]) for k in r0)
     # (b) one epoch (one optimizer step) of 2 x 4 samples equals one process with the same 8 samples
     mp.spawn(ddp_worker, args=(2, port + 1, str(tmp_path / "one"), str(tiny_model_dir), {**kw, "epochs": 1}), nprocs=2)
     single = run(tmp_path / "single", tiny_model_dir, **{**kw, "epochs": 1, "batch_size": 8, "train_batch_size": 8})
