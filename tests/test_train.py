@@ -227,3 +227,16 @@ def test_two_processes_train_as_one(tmp_path, tiny_model_dir):
     assert update_ref.abs().max() > 1e-4
     # Equal up to float32 rounding of the weights themselves (an update of 1e-3 on a weight of 1 keeps ~4 digits).
     assert (update_ddp - update_ref).norm() / update_ref.norm() < 1e-4
+
+
+def test_plot_draws_one_curve_per_run(tmp_path):
+    from nanoddpo.plot import COLOURS, plot, read_curve
+    for name, rewards in (("a", [1.0, 2.0, 3.0]), ("b", [3.0, 2.0, 1.0])):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps(dict(epoch=i, samples=64, reward_mean=r)) for i, r in enumerate(rewards)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert read_curve(tmp_path / "a") == ([64, 128, 192], [1.0, 2.0, 3.0])
+    img = plot({n: read_curve(tmp_path / n) for n in "ab"})
+    colours = {c for _, c in img.getcolors(1 << 20)}
+    for hexcode in COLOURS[:2]:
+        assert tuple(int(hexcode[i : i + 2], 16) for i in (1, 3, 5)) in colours
