@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from nanoddpo import world
 from nanoddpo.ddim import DDIM, sample
+from nanoddpo.images import to_uint8
 from nanoddpo.model import StableDiffusion, load_tokenizer, save_json
 from nanoddpo.rewards import jpeg_kb
 
@@ -105,11 +106,6 @@ def to_unit_range(images_uint8):
     return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def to_uint8(images01):
-    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8, rounded as the rewards expect."""
-    return (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def vae_moments(vae, images):
     """Mean and log-variance of the latent Gaussian. VAE.encode returns only the mean (all sampling needs); training
     needs the log-variance too, which is the other half of quant_conv's output, so catch that output on its way."""
@@ -164,7 +160,7 @@ def train_unet(sd, latent_mean, latent_std, prompt_index, args, gen):
     params = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    alpha_bar = DDIM().alpha_bar  # (1000,) the training schedule, from the one copy in ddim.py
+    ddim = DDIM()  # the training schedule (1000 steps), from the one copy in ddim.py
     ids = sd.tokenize(world.PROMPTS + [""])  # (81, 77); the last row is the empty prompt
     empty = len(world.PROMPTS)
     bar = tqdm(range(args.unet_steps), desc="2/3 UNet + text encoder")
@@ -177,8 +173,7 @@ def train_unet(sd, latent_mean, latent_std, prompt_index, args, gen):
         caption[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = empty
         t = torch.randint(1000, (args.batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
-        ab = alpha_bar[t].view(-1, 1, 1, 1)
-        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise  # forward process q(z_t | z_0)
+        z_t = ddim.add_noise(z0, noise, t)  # forward process q(z_t | z_0)
         distinct, which = caption.unique(return_inverse=True)
         context = text_encoder(ids[distinct])[which]  # (B, 77, D)
         loss = F.mse_loss(unet(z_t, t, context), noise)
