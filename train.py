@@ -67,6 +67,7 @@ class Settings:
     guidance_scale: float = 5.0   # classifier-free guidance w, used when sampling AND inside the loss
     batch_size: int = 8           # images per sampling batch (per GPU under torchrun)
     batches_per_epoch: int = 4    # samples per epoch = batch_size * batches_per_epoch
+    images_per_prompt: int = 1    # each epoch draws samples/this prompts and samples each this many times
     # training
     train_batch_size: int = 4     # trajectories per UNet call in training (x2 for guidance)
     grad_accum: int = 1           # train batches per optimizer step; one step averages over them and their timesteps
@@ -99,13 +100,15 @@ class Settings:
 
 
 PRESETS = {
-    # The bundled tiny model on a 2-core CPU, the default: about 5 minutes. 256 samples and 4 optimizer steps per epoch
-    # as in the paper, 10 DDIM steps, half of them trained. Its latents are 8x8x4 = 256 dims, not 16,384, so the clip
-    # range that gives SD's trust region on the true ratio is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on
-    # 64-wide attention is too small to move this model in minutes. One thread: two contend badly with anything else.
-    "tiny": dict(num_steps=10, batch_size=64, batches_per_epoch=4, train_batch_size=32, grad_accum=2,
-                 timestep_fraction=0.5, epochs=12, lr=1e-4, clip_range=6.4e-3, lora=False, stat_buffer=32,
-                 stat_min_count=16, save_every=4, grid_every=4, threads=1),
+    # The bundled tiny model on a 2-core CPU, the default: about 8 minutes. 10 DDIM steps, half of them trained.
+    # Every epoch samples each of the 80 prompts 4 times (320 samples), so each prompt's rewards are z-scored against
+    # its own from the first epoch: JPEG sizes differ far more between prompts (striped vs plain) than within one.
+    # Its latents are 8x8x4 = 256 dims, not 16,384, so the clip range that gives SD's trust region on the true ratio
+    # is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on 64-wide attention is too small to move this model in
+    # minutes. One thread: two contend badly with anything else on a 2-core machine.
+    "tiny": dict(num_steps=10, batch_size=64, batches_per_epoch=5, images_per_prompt=4, train_batch_size=32,
+                 grad_accum=2, timestep_fraction=0.5, epochs=12, lr=3e-4, clip_range=6.4e-3, lora=False,
+                 stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4, threads=1),
     # SD v1-4 with LoRA on one GPU: the paper's 256 samples per epoch and 4 optimizer steps per epoch via accumulation.
     "sd14": dict(num_steps=50, batch_size=8, batches_per_epoch=32, train_batch_size=4, grad_accum=16, epochs=100,
                  lora=True, lr=3e-4),
@@ -147,6 +150,16 @@ def load_prompts(s, model_dir):
     if s.prompts:
         raise SettingsError(f"--prompts {s.prompts!r} is neither a file nor a prompt set ({', '.join(PROMPTS)})")
     return PROMPTS["simple_animals"]()
+
+
+def draw_prompts(prompts, n, images_per_prompt, gen):
+    """An epoch's n prompts in random order: n / images_per_prompt prompts, each repeated images_per_prompt times.
+    Prompts come in shuffled passes over the list, so each is drawn equally often. Several images of a prompt in one
+    epoch give its per-prompt statistics from the very first epoch, instead of z-scoring against other prompts."""
+    passes = -(-n // images_per_prompt // len(prompts))  # ceil
+    drawn = torch.cat([torch.randperm(len(prompts), generator=gen) for _ in range(passes)])
+    drawn = drawn[: n // images_per_prompt].repeat_interleave(images_per_prompt)
+    return [prompts[i] for i in drawn[torch.randperm(n, generator=gen)]]
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +267,9 @@ def main(s, resume_ckpt=None):
         s.grad_accum, s.num_inner_epochs = train_batches, 1
     if train_batches % s.grad_accum:
         raise SettingsError(f"{train_batches} train batches per epoch are not divisible by --grad-accum {s.grad_accum}")
+    if samples_per_epoch % s.images_per_prompt:
+        raise SettingsError(f"samples per epoch ({samples_per_epoch}) are not divisible by --images-per-prompt "
+                            f"{s.images_per_prompt}")
     timesteps_trained = max(1, int(s.num_steps * s.timestep_fraction))
     steps_per_epoch = train_batches // s.grad_accum * s.num_inner_epochs
 
@@ -311,8 +327,8 @@ def main(s, resume_ckpt=None):
         # original would have, and N processes see exactly the samples one process would.
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
         n_global = s.batch_size * world
-        all_prompts = [[prompts[i] for i in torch.randint(len(prompts), (n_global,), generator=gen)]
-                       for _ in range(s.batches_per_epoch)]
+        drawn = draw_prompts(prompts, samples_per_epoch, s.images_per_prompt, gen)
+        all_prompts = [drawn[b * n_global : (b + 1) * n_global] for b in range(s.batches_per_epoch)]
         all_seeds = [torch.randint(2**31, (n_global,), generator=gen).tolist() for _ in range(s.batches_per_epoch)]
         mine = slice(rank * s.batch_size, (rank + 1) * s.batch_size)
 

@@ -49,6 +49,20 @@ def test_clipping_engages_outside_the_clip_range():
     assert clipfrac == 1.0
 
 
+# --- the epoch's prompts ------------------------------------------------------------------------------------------
+
+def test_prompts_are_drawn_evenly_and_in_groups():
+    prompts = [f"p{i}" for i in range(10)]
+    gen = torch.Generator().manual_seed(0)
+    drawn = train.draw_prompts(prompts, 40, 4, gen)  # 10 prompts x 4 images: every prompt exactly 4 times
+    assert len(drawn) == 40 and all(drawn.count(p) == 4 for p in prompts)
+    assert drawn != sorted(drawn)  # shuffled, so a sampling batch mixes prompts
+    drawn = train.draw_prompts(prompts, 24, 4, gen)  # 6 groups of 4 from one pass: 6 distinct prompts
+    assert sorted(drawn.count(p) for p in set(drawn)) == [4] * 6
+    drawn = train.draw_prompts(prompts, 25, 1, gen)  # 2.5 passes: every prompt 2 or 3 times, never 1 or 4
+    assert {drawn.count(p) for p in prompts} <= {2, 3}
+
+
 # --- advantages ---------------------------------------------------------------------------------------------------
 
 def test_per_prompt_stats_use_the_batch_until_min_count_then_the_buffer():
@@ -148,6 +162,9 @@ def cli(*args):
     (["--reward", "beauty"], "unknown reward 'beauty'; choose one of: jpeg, jpeg-incompressibility"),
     (["--algo", "dpo"], "unknown algorithm 'dpo'; choose one of: ppo, reinforce"),
     (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "is not divisible by --train-batch-size 2"),
+    (["--batch-size", "6", "--batches-per-epoch", "1", "--train-batch-size", "2", "--grad-accum", "1",
+      "--images-per-prompt", "4"],
+     "samples per epoch (6) are not divisible by --images-per-prompt 4"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
 ])
