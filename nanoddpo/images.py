@@ -2,6 +2,8 @@
 Images as the rewards and the grids see them: uint8 (B, H, W, 3) arrays, and labelled PNG grids.
 Used by train.py (a grid every few epochs) and sample.py (checkpoints side by side).
 """
+import textwrap
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -16,12 +18,14 @@ def grid(rows, row_labels, column_labels, rewards=None, cell=128):
     font = ImageFont.load_default()
     line, left = 14, 110
     below = line if rewards is not None else 0
-    canvas = Image.new("RGB", (left + cell * len(column_labels), line + (cell + below) * len(rows)), "white")
+    headers = [textwrap.wrap(label, cell // 6)[:3] for label in column_labels]  # prompts wrap onto up to 3 lines
+    head = line * max(1, *map(len, headers))
+    canvas = Image.new("RGB", (left + cell * len(column_labels), head + (cell + below) * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(column_labels):
-        draw.text((left + j * cell + 2, 1), label[: cell // 6], fill="black", font=font)
+    for j, lines in enumerate(headers):
+        draw.text((left + j * cell + 2, 1), "\n".join(lines), fill="black", font=font, spacing=2)
     for i, (images, label) in enumerate(zip(rows, row_labels)):
-        top = line + i * (cell + below)
+        top = head + i * (cell + below)
         draw.text((2, top + cell // 2 - line), label[-left // 6:], fill="black", font=font)
         for j, image in enumerate(images):
             canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (left + j * cell, top))
