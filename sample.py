@@ -33,7 +33,8 @@ parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the mod
 parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prompt's images instead (one image each); "
                     "the same seeds in every row")
-parser.add_argument("--steps", type=int, default=50, help="DDIM steps (eta = 1, as in training)")
+parser.add_argument("--steps", type=int, help="DDIM steps (eta = 1, as in training); default: the steps the "
+                    "checkpoints were trained with, else 50")
 parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale w")
 parser.add_argument("--reward", choices=list(REWARDS), help="score every image with this reward")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
@@ -44,8 +45,15 @@ def fail(message):
     sys.exit(f"sample.py: error: {message}")
 
 
+def trained_steps(ckpts):
+    """The DDIM steps the checkpoints were trained with (a model is best compared at the steps it learned), else 50."""
+    states = [json.loads((Path(c) / "state.json").read_text()) for c in ckpts if (Path(c) / "state.json").is_file()]
+    steps = {state.get("settings", {}).get("num_steps") for state in states} - {None}
+    return steps.pop() if len(steps) == 1 else 50
+
+
 def main(args):
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         fail(f"--steps must be at least 1, got {args.steps}")
     if args.guidance < 0:
         fail(f"--guidance must be >= 0 (1 is no guidance), got {args.guidance}")
@@ -63,6 +71,9 @@ def main(args):
         if ckpt != "base" and checkpoints_of(Path(ckpt)):  # a run folder stands for its latest checkpoint
             ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
     seeds = args.seeds or list(range(args.per_prompt))
+    if args.steps is None:
+        args.steps = trained_steps(ckpts)
+        print(f"DDIM steps: {args.steps}, as the checkpoints were trained (else 50); --steps to change")
 
     try:
         sd = StableDiffusion.from_pretrained(args.model, device=args.device)

@@ -97,6 +97,16 @@ def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
         assert not np.array_equal(cell(png, 0, column, False), cell(png, 2, column, False))  # a run = its latest
 
 
+def test_steps_default_to_the_checkpoints_training_steps(tmp_path):
+    script = load_sample_script()
+    for name, steps in [("a", 10), ("b", 10), ("c", 20)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps({"settings": {"num_steps": steps}}))
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    assert script.trained_steps(["base", a, b]) == 10  # a tiny-preset run is compared at its 10 trained steps
+    assert script.trained_steps(["base"]) == 50 and script.trained_steps([a, c]) == 50  # nothing or no agreement
+
+
 def test_missing_checkpoint_is_one_clear_error(workdir, tiny_model_dir):
     out = run_sample("--model", tiny_model_dir, "--ckpt", "runs/nope", cwd=workdir)
     assert out.returncode != 0
