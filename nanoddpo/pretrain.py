@@ -90,7 +90,11 @@ def get_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of those samples")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default). On a "
                    "machine shared with other jobs, 1 avoids threads waiting on each other and is often faster")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("images", "vae_steps", "vae_batch", "unet_steps", "batch", "eval_samples", "eval_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def lr_at(step, total, warmup):
@@ -232,13 +236,15 @@ def evaluate(sd, args, out):
     for i, key in enumerate(("colour", "shape", "background")):
         for value in (world.COLOURS if key == "colour" else world.SHAPES if key == "shape" else world.BACKGROUNDS):
             rows = [j for j, p in enumerate(prompts) if world.parse_prompt(p)[i] == value]
-            by_attribute[f"{key}={value}"] = float(hits[rows].all(1).mean())
+            if rows:  # a short evaluation may not reach every value
+                by_attribute[f"{key}={value}"] = float(hits[rows].all(1).mean())
     results["all_three_correct_by_attribute"] = by_attribute
     failures = Counter(p for p, h in zip(prompts, hits) if not h.all())
     results["prompts_failed_most"] = failures.most_common(10)
     # contact sheet, 16 per row in PROMPTS order: with 160 or more samples, every caption twice
-    rows = min(10, len(images) // 16)
-    grid = images[:16 * rows].reshape(rows, 16, *images.shape[1:])
+    columns = min(16, len(images))
+    rows = min(10, len(images) // columns)
+    grid = images[:columns * rows].reshape(rows, columns, *images.shape[1:])
     sheet = np.concatenate([np.concatenate(list(row), axis=1) for row in grid], axis=0)
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "samples.png")
     return results
@@ -295,6 +301,7 @@ def main(argv=None):
     if not (out / "model_index.json").is_file():
         save_json(MODEL_INDEX, out / "model_index.json")
     save_json(world.PROMPTS, out / "prompts.json")
+    save_json([p for p in world.PROMPTS if " square " in p], out / "squares.json")  # the alignment task's prompts
     train_minutes = (time.time() - start) / 60
 
     sd = StableDiffusion.from_pretrained(out)  # evaluate exactly what was written

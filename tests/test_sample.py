@@ -51,8 +51,8 @@ def workdir(tiny_model_dir, tmp_path_factory):
     return root
 
 
-def cell(png, row, column, rows_have_rewards=True):
-    top = LINE + row * (CELL + (LINE if rows_have_rewards else 0))
+def cell(png, row, column, rows_have_rewards=True, header_lines=1):
+    top = LINE * header_lines + row * (CELL + (LINE if rows_have_rewards else 0))
     return np.asarray(png)[top:top + CELL, LEFT + column * CELL:LEFT + (column + 1) * CELL]
 
 
@@ -70,9 +70,10 @@ def test_default_compares_base_with_latest_checkpoint(workdir, tiny_model_dir):
     assert "base: mean jpeg reward" in out.stdout
     assert "runs/demo/checkpoints/step_2: mean jpeg reward" in out.stdout  # the latest checkpoint, not step_1
     png = Image.open(workdir / "grid.png")
-    assert png.size == (LEFT + 4 * 2 * CELL, LINE + 2 * (CELL + LINE))  # 4 of the 8 prompts x 2 seeds; 2 rows
-    assert not np.array_equal(cell(png, 0, 0), cell(png, 1, 0))  # the checkpoint's weights were applied
-    assert not np.array_equal(cell(png, 0, 0), cell(png, 0, 1))  # seeds 0 and 1 differ
+    # 4 of the 8 prompts x 2 seeds; 2 rows; the long prompt's label wraps onto the 3 lines a header may take
+    assert png.size == (LEFT + 4 * 2 * CELL, 3 * LINE + 2 * (CELL + LINE))
+    assert not np.array_equal(cell(png, 0, 0, header_lines=3), cell(png, 1, 0, header_lines=3))  # checkpoint applied
+    assert not np.array_equal(cell(png, 0, 0, header_lines=3), cell(png, 0, 1, header_lines=3))  # seeds 0, 1 differ
 
 
 def load_sample_script():

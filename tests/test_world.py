@@ -124,3 +124,22 @@ def test_bundled_model_draws_what_it_is_asked():
     images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     # chance is about 0.23 (1/5 colours, 1/4 shapes, 1/4 backgrounds)
     assert world.tinyworld_reward(images, prompts).mean() > 0.7  # 0.94 when made
+
+
+def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
+    """A few steps of every stage of nanoddpo/pretrain.py (the real run is 2500 UNet steps); the folder it writes
+    must load like the published layout, and a short evaluation (fewer samples than one sheet row) must not fail."""
+    from nanoddpo import pretrain
+    from nanoddpo.model import StableDiffusion
+
+    out = tmp_path / "tiny"
+    pretrain.main(["--out", str(out), "--images", "160", "--vae_steps", "2", "--unet_steps", "2", "--warmup", "1",
+                   "--eval_samples", "8", "--eval_steps", "2", "--threads", "1"])
+    sd = StableDiffusion.from_pretrained(out)
+    assert sd.latent_shape == (4, 8, 8)
+    assert json.loads((out / "prompts.json").read_text()) == list(world.PROMPTS)
+    assert all(" square " in p for p in json.loads((out / "squares.json").read_text()))
+    results = json.loads((out / "pretrain.json").read_text())["results"]
+    assert 0 <= results["checker_on_samples"]["all"] <= 1 and (out / "samples.png").is_file()
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--eval_samples", "0"])
