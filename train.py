@@ -100,14 +100,14 @@ class Settings:
 
 
 PRESETS = {
-    # The bundled tiny model on a 2-core CPU, the default: about 8 minutes. 10 DDIM steps, half of them trained.
+    # The bundled tiny model on a 2-core CPU, the default: about 7.5 minutes. 10 DDIM steps, half of them trained.
     # Every epoch samples each of the 80 prompts 4 times (320 samples), so each prompt's rewards are z-scored against
     # its own from the first epoch: JPEG sizes differ far more between prompts (striped vs plain) than within one.
     # Its latents are 8x8x4 = 256 dims, not 16,384, so the clip range that gives SD's trust region on the true ratio
     # is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on 64-wide attention is too small to move this model in
     # minutes. One thread: two contend badly with anything else on a 2-core machine.
     "tiny": dict(num_steps=10, batch_size=64, batches_per_epoch=5, images_per_prompt=4, train_batch_size=32,
-                 grad_accum=2, timestep_fraction=0.5, epochs=12, lr=3e-4, clip_range=6.4e-3, lora=False,
+                 grad_accum=2, timestep_fraction=0.5, epochs=10, lr=3e-4, clip_range=6.4e-3, lora=False,
                  stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4, threads=1),
     # SD v1-4 with LoRA on one GPU: the paper's 256 samples per epoch and 4 optimizer steps per epoch via accumulation.
     "sd14": dict(num_steps=50, batch_size=8, batches_per_epoch=32, train_batch_size=4, grad_accum=16, epochs=100,
