@@ -26,7 +26,8 @@ def grid(rows, row_labels, column_labels, rewards=None, cell=128):
         draw.text((left + j * cell + 2, 1), "\n".join(lines), fill="black", font=font, spacing=2)
     for i, (images, label) in enumerate(zip(rows, row_labels)):
         top = head + i * (cell + below)
-        draw.text((2, top + cell // 2 - line), label[-left // 6:], fill="black", font=font)
+        lines = textwrap.wrap(label, left // 6, break_on_hyphens=False)[-4:]  # run/step_N: keep its end
+        draw.text((2, top + cell // 2 - line * len(lines) // 2), "\n".join(lines), fill="black", font=font, spacing=2)
         for j, image in enumerate(images):
             canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (left + j * cell, top))
             if rewards is not None:
