@@ -1,7 +1,8 @@
 """
 Make the bundled tiny text-to-image model (weights/tiny) from scratch on a CPU, on pictures from nanoddpo/world.py.
 
-    python -m nanoddpo.pretrain --out weights/tiny --threads 1   # 37 min on a busy 2-core CPU; fixed seeds
+    python -m nanoddpo.pretrain --out weights/tiny --threads 2   # 30 min on an idle 2-core CPU; fixed seeds
+    python -m nanoddpo.pretrain --out weights/tiny --threads 1   # ~40 min, bit-identical to the committed weights
     python -m nanoddpo.pretrain --out /tmp/t --vae_steps 50 --unet_steps 50 --eval_samples 16   # a 1-minute smoke run
 
 It is Stable Diffusion in miniature, trained the way SD was, one stage after the other:
@@ -13,7 +14,8 @@ It is Stable Diffusion in miniature, trained the way SD was, one stage after the
      through the cross-attention; 10% of captions are replaced by "" so classifier-free guidance works;
   4. evaluation: samples at guidance 5 read back by the world's checker, and their JPEG sizes.
 The result loads with StableDiffusion.from_pretrained like SD v1-4, and is saved with prompts.json (the 80 captions
-train.py and sample.py use for it) and pretrain.json (these settings and the evaluation numbers).
+train.py and sample.py use for it), squares.json (the 20 square prompts of the alignment task) and pretrain.json
+(these settings and the evaluation numbers).
 """
 import argparse
 import json
