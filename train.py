@@ -45,7 +45,7 @@ from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.lora import add_lora, lora_parameters
 from nanoddpo.model import LoadError, StableDiffusion, resolve_model
-from nanoddpo.prompts import PROMPTS
+from nanoddpo.prompts import PROMPTS, draw_prompts
 from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
 
 
@@ -150,16 +150,6 @@ def load_prompts(s, model_dir):
     if s.prompts:
         raise SettingsError(f"--prompts {s.prompts!r} is neither a file nor a prompt set ({', '.join(PROMPTS)})")
     return PROMPTS["simple_animals"]()
-
-
-def draw_prompts(prompts, n, images_per_prompt, gen):
-    """An epoch's n prompts in random order: n / images_per_prompt prompts, each repeated images_per_prompt times.
-    Prompts come in shuffled passes over the list, so each is drawn equally often. Several images of a prompt in one
-    epoch give its per-prompt statistics from the very first epoch, instead of z-scoring against other prompts."""
-    passes = -(-n // images_per_prompt // len(prompts))  # ceil
-    drawn = torch.cat([torch.randperm(len(prompts), generator=gen) for _ in range(passes)])
-    drawn = drawn[: n // images_per_prompt].repeat_interleave(images_per_prompt)
-    return [prompts[i] for i in drawn[torch.randperm(n, generator=gen)]]
 
 
 # -----------------------------------------------------------------------------

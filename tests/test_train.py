@@ -12,6 +12,7 @@ import train
 from nanoddpo import rewards
 from nanoddpo.ddim import log_prob_of_step, sample, DDIM
 from nanoddpo.model import StableDiffusion
+from nanoddpo.prompts import draw_prompts
 
 
 def settings(**kw):
@@ -54,12 +55,12 @@ def test_clipping_engages_outside_the_clip_range():
 def test_prompts_are_drawn_evenly_and_in_groups():
     prompts = [f"p{i}" for i in range(10)]
     gen = torch.Generator().manual_seed(0)
-    drawn = train.draw_prompts(prompts, 40, 4, gen)  # 10 prompts x 4 images: every prompt exactly 4 times
+    drawn = draw_prompts(prompts, 40, 4, gen)  # 10 prompts x 4 images: every prompt exactly 4 times
     assert len(drawn) == 40 and all(drawn.count(p) == 4 for p in prompts)
     assert drawn != sorted(drawn)  # shuffled, so a sampling batch mixes prompts
-    drawn = train.draw_prompts(prompts, 24, 4, gen)  # 6 groups of 4 from one pass: 6 distinct prompts
+    drawn = draw_prompts(prompts, 24, 4, gen)  # 6 groups of 4 from one pass: 6 distinct prompts
     assert sorted(drawn.count(p) for p in set(drawn)) == [4] * 6
-    drawn = train.draw_prompts(prompts, 25, 1, gen)  # 2.5 passes: every prompt 2 or 3 times, never 1 or 4
+    drawn = draw_prompts(prompts, 25, 1, gen)  # 2.5 passes: every prompt 2 or 3 times, never 1 or 4
     assert {drawn.count(p) for p in prompts} <= {2, 3}
 
 
