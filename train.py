@@ -257,9 +257,9 @@ def main(s, resume_ckpt=None):
         s.grad_accum, s.num_inner_epochs = train_batches, 1
     if train_batches % s.grad_accum:
         raise SettingsError(f"{train_batches} train batches per epoch are not divisible by --grad-accum {s.grad_accum}")
-    if samples_per_epoch % s.images_per_prompt:
-        raise SettingsError(f"samples per epoch ({samples_per_epoch}) are not divisible by --images-per-prompt "
-                            f"{s.images_per_prompt}")
+    if s.images_per_prompt < 1 or samples_per_epoch % s.images_per_prompt:
+        raise SettingsError(f"--images-per-prompt {s.images_per_prompt} must be at least 1 and divide the samples "
+                            f"per epoch ({samples_per_epoch})")
     timesteps_trained = max(1, int(s.num_steps * s.timestep_fraction))
     steps_per_epoch = train_batches // s.grad_accum * s.num_inner_epochs
 

@@ -165,7 +165,8 @@ def cli(*args):
     (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "is not divisible by --train-batch-size 2"),
     (["--batch-size", "6", "--batches-per-epoch", "1", "--train-batch-size", "2", "--grad-accum", "1",
       "--images-per-prompt", "4"],
-     "samples per epoch (6) are not divisible by --images-per-prompt 4"),
+     "--images-per-prompt 4 must be at least 1 and divide the samples per epoch (6)"),
+    (["--images-per-prompt", "0"], "--images-per-prompt 0 must be at least 1"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
 ])
