@@ -14,7 +14,7 @@ from nanoddpo.world import write_tokenizer
 
 torch.set_num_threads(1)
 
-# The same architecture as SD v1-4 (see ../shared/reference/sd-v1-4/), shrunk: 2 UNet levels, 2 VAE levels, 2 text layers.
+# The same architecture as SD v1-4 (see nanoddpo/configs/sd-v1-4/), shrunk: 2 UNet levels, 2 VAE levels, 2 text layers.
 TINY_UNET = {
     "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 8,
     "norm_eps": 1e-5, "cross_attention_dim": 32, "in_channels": 4, "out_channels": 4, "sample_size": 8,

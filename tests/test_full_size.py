@@ -1,7 +1,7 @@
 """nanoddpo/model.py at the real SD v1-4 size: the published file layout, peak memory while loading, parity in float32.
 
 No weights can be downloaded here, so the test writes a random-weight SD v1-4 folder with exactly the published tensor
-names and shapes (checked against ../shared/reference/sd-v1-4/*_keys.tsv), then loads it in a fresh process to measure
+names and shapes (checked against tests/reference/sd-v1-4/*_keys.tsv), then loads it in a fresh process to measure
 its peak resident memory, and checks each network against diffusers / transformers at full size.
 It needs ~5 GB of disk (~7 GB with the fp16 copy), ~6 GB of RAM and several minutes on CPU, so it is opt-in:
 
@@ -30,7 +30,8 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("NANODDPO_REFERENCE_DIR", REPO.parent / "shared" / "reference" / "sd-v1-4"))
+REFERENCE = Path(os.environ.get("NANODDPO_REFERENCE_DIR", REPO / "tests" / "reference" / "sd-v1-4"))  # key lists
+CONFIGS = REPO / "nanoddpo" / "configs" / "sd-v1-4"  # the published config.json of each component, shipped
 VOCAB_SIZE = 49408  # CLIP's: 256 bytes, 256 bytes + "</w>", 48894 merges, <|startoftext|> and <|endoftext|>
 GB = 1e9
 
@@ -40,7 +41,7 @@ def rel_err(ours, ref):
 
 
 def reference_config(name):
-    return json.loads((REFERENCE / f"{name}_config.json").read_text())
+    return json.loads((CONFIGS / f"{name}_config.json").read_text())
 
 
 def reference_keys(name):
