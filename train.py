@@ -15,8 +15,10 @@ policy is one stochastic DDIM step: a Gaussian whose mean comes from the UNet's 
      the policy near the one that sampled. At ratio 1 (the first update on fresh samples) its gradient is
      REINFORCE's: -A * grad(ratio) = -A * grad(log p) there. The log-prob is a mean over latent dims (see ddim.py),
      which is why clip_range is as small as 1e-4.
+   - --kl-coef c adds c * KL(policy step || base model step) at every trained step (DPOK, Fan et al. 2023): a leash
+     against over-optimization. Every epoch logs that KL (kl_to_base) whether or not it is penalised.
    - RWR (--algo rwr, rwr-sparse) is the paper's maximum-likelihood baseline: the ordinary denoising loss on the final
-     latents, weighted by softmax(reward / beta) (or 1 for the top 10%, 0 for the rest). It never uses the per-step
+     latents, weighted by softmax(beta * reward) (or 1 for the top 10%, 0 for the rest). It never uses the per-step
      log-probs, only the variational bound, and the paper shows DDPO beating it.
 
     python train.py --reward jpeg                            # the bundled tiny model, CPU, a few minutes
@@ -24,79 +26,85 @@ policy is one stochastic DDIM step: a Gaussian whose mean comes from the UNet's 
     python train.py --resume runs/<name>                     # continue a run where it stopped
     torchrun --nproc_per_node=8 train.py --preset sd14       # data-parallel on 8 GPUs
 """
-import argparse
+import copy
 import dataclasses
+import itertools
 import json
-import os
-import sys
+import re
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoddpo.checkpoint import checkpoints_of, resume, save_checkpoint
-from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
+from nanoddpo import cli
+from nanoddpo.checkpoint import checkpoints_of, forget_after, resume, save_checkpoint, start_run
+from nanoddpo.cli import UsageError, settings_parser
+from nanoddpo.distributed import Ranks
+from nanoddpo.ddim import DDIM, guided_eps, sample
 from nanoddpo.images import grid, to_uint8
-from nanoddpo.lora import add_lora, lora_parameters
-from nanoddpo.model import LoadError, StableDiffusion, resolve_model
+from nanoddpo.lora import add_lora, lora_off, lora_parameters
+from nanoddpo.model import StableDiffusion, resolve_model
 from nanoddpo.prompts import PROMPTS, draw_prompts
 from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
+from nanoddpo.world import checker_for
 
 
 @dataclass
 class Settings:
-    preset: str = "tiny"          # tiny (bundled model, CPU) | sd14 (SD v1-4 + LoRA, one GPU); fields below override it
+    preset: str = "tiny"          # tiny (bundled model, CPU) | sd14 (SD v1-4 + LoRA, one GPU); other flags override it
     model: str = ""               # model folder; "" = weights/stable-diffusion-v1-4 if downloaded, else weights/tiny
     reward: str = "jpeg"          # a name in nanoddpo/rewards.py REWARDS
     algo: str = "ppo"             # ppo (DDPO_IS, clipped importance sampling) | reinforce (DDPO_SF) | rwr | rwr-sparse
-    prompts: str = ""             # a set in nanoddpo/prompts.py, a .txt/.json file; "" = the model's prompts.json, else simple_animals
-    epochs: int = 100
-    seed: int = 0
-    name: str = ""                # run folder runs/<name>; "" = <reward>-<algo>-<time>
+    prompts: str = ""             # a set in nanoddpo/prompts.py or a .txt/.json file; "" = the model's prompts.json
+    epochs: int = 100             # >= 1
+    seed: int = 0                 # >= 0; everything random in a run derives from it
+    name: str = ""                # run folder <out_dir>/<name>; "" = <reward>-<algo>-<time>
     out_dir: str = "runs"
-    resume: str = ""              # a run folder: continue from its latest checkpoint
+    resume: str = ""              # a run folder: continue from its latest checkpoint (or its start, if it has none)
     # sampling
-    num_steps: int = 50           # DDIM steps per image
-    eta: float = 1.0              # DDIM stochasticity; 1 makes every step a proper Gaussian policy
-    guidance_scale: float = 5.0   # classifier-free guidance w, used when sampling AND inside the loss
-    batch_size: int = 8           # images per sampling batch (per GPU under torchrun)
-    batches_per_epoch: int = 4    # samples per epoch = batch_size * batches_per_epoch
-    images_per_prompt: int = 1    # each epoch draws samples/this prompts and samples each this many times
+    num_steps: int = 50           # DDIM steps per image, 1..1000
+    eta: float = 1.0              # DDIM stochasticity, (0, 1]; 1 makes every step a proper Gaussian policy
+    guidance_scale: float = 5.0   # classifier-free guidance w >= 0, used when sampling AND inside the loss
+    batch_size: int = 8           # >= 1 images per sampling batch (per GPU under torchrun)
+    batches_per_epoch: int = 4    # >= 1; samples per epoch = batch_size * batches_per_epoch
+    images_per_prompt: int = 1    # >= 1, divides the samples per epoch; each drawn prompt is sampled this many times
     # training
-    train_batch_size: int = 4     # trajectories per UNet call in training (x2 for guidance)
-    grad_accum: int = 1           # train batches per optimizer step; one step averages over them and their timesteps
-    num_inner_epochs: int = 1     # passes over each epoch's samples (ppo only; reinforce makes one update per batch)
-    timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained, drawn at random per sample
-    clip_range: float = 1e-4      # PPO clip on the per-dimension ratio (about 0.19..5.1 on the true ratio at 64x64x4)
-    adv_clip_max: float = 5.0     # advantages are clipped to +-this
-    rwr_beta: float = 0.2         # rwr: weights softmax(reward / beta) * N (the authors' JAX code uses 0.2)
-    rwr_top_fraction: float = 0.1  # rwr-sparse: the top fraction of the epoch's samples by reward, weight 1
+    train_batch_size: int = 4     # >= 1 trajectories per UNet call in training (x2 for guidance)
+    grad_accum: int = 1           # >= 1 train batches per optimizer step (averaged with their timesteps)
+    num_inner_epochs: int = 1     # >= 1 passes over each epoch's samples (ppo only; reinforce makes one update)
+    timestep_fraction: float = 1.0  # (0, 1]: fraction of each trajectory's steps trained, drawn at random per sample
+    clip_range: float = 1e-4      # > 0: PPO clip on the per-dimension ratio (0.19..5.1 on the true ratio at 64x64x4)
+    adv_clip_max: float = 5.0     # > 0: advantages are clipped to +-this
+    kl_coef: float = 0.0          # >= 0: weight of KL(policy || base model) per trained step; 0 = the paper's DDPO
+    rwr_beta: float = 0.2         # >= 0, rwr: weights softmax(beta * reward) * N, as in the authors' code (0 = equal)
+    rwr_top_fraction: float = 0.1  # (0, 1], rwr-sparse: the top fraction of the epoch's samples by reward, weight 1
     per_prompt_stats: bool = True  # z-score rewards per prompt (running buffer) rather than over the batch
-    stat_buffer: int = 16         # rewards kept per prompt
-    stat_min_count: int = 16      # below this many, use the batch's statistics
-    lr: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-4
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    lora: bool = True             # train LoRA adapters on the attention projections; False = full fine-tuning
-    lora_rank: int = 4
+    stat_buffer: int = 16         # >= 1 rewards kept per prompt
+    stat_min_count: int = 16      # 1..stat_buffer; below this many rewards of a prompt, use the batch's statistics
+    lr: float = 3e-4              # >= 0 (0 warns: nothing will change)
+    adam_beta1: float = 0.9       # [0, 1)
+    adam_beta2: float = 0.999     # [0, 1)
+    weight_decay: float = 1e-4    # >= 0
+    adam_eps: float = 1e-8        # > 0
+    max_grad_norm: float = 1.0    # > 0: gradients are clipped to this norm
+    lora: bool = True             # train LoRA adapters on the attention projections; no = full fine-tuning
+    lora_rank: int = 4            # >= 1
+    grad_checkpoint: bool = False  # recompute each UNet block's activations in backward: less memory, more time
     # speed
-    device: str = "auto"          # auto = cuda if available, else cpu
-    precision: str = "auto"       # auto = bf16 on CUDA, fp32 on CPU | fp32 | bf16 | fp16 (with a GradScaler)
-    compile: str = "auto"         # torch.compile the UNet: auto = on for CUDA | on | off
-    threads: int = 0              # CPU threads for torch; 0 = torch's default (one per core)
+    device: str = "auto"          # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    precision: str = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)
+    compile: str = "auto"         # torch.compile the UNet: auto (on for CUDA) | on | off
+    threads: int = 0              # >= 0 CPU threads for torch; 0 = torch's default (one per core)
     # outputs
-    save_every: int = 1           # epochs between checkpoints
-    keep_checkpoints: int = 3     # older ones are deleted
-    grid_every: int = 5           # epochs between sample grids
+    save_every: int = 1           # >= 1 epochs between checkpoints (and always after the last)
+    keep_checkpoints: int = 3     # >= 1; older ones are deleted
+    grid_every: int = 5           # >= 1 epochs between sample grids
 
 
 PRESETS = {
@@ -105,40 +113,103 @@ PRESETS = {
     # its own from the first epoch: JPEG sizes differ far more between prompts (striped vs plain) than within one.
     # Its latents are 8x8x4 = 256 dims, not 16,384, so the clip range that gives SD's trust region on the true ratio
     # is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on 64-wide attention is too small to move this model in
-    # minutes. One thread: two contend badly with anything else on a 2-core machine.
+    # minutes.
     "tiny": dict(num_steps=10, batch_size=64, batches_per_epoch=5, images_per_prompt=4, train_batch_size=32,
                  grad_accum=2, timestep_fraction=0.5, epochs=10, lr=3e-4, clip_range=6.4e-3, lora=False,
-                 stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4, threads=1),
+                 stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4),
     # SD v1-4 with LoRA on one GPU: the paper's 256 samples per epoch and 4 optimizer steps per epoch via accumulation.
     "sd14": dict(num_steps=50, batch_size=8, batches_per_epoch=32, train_batch_size=4, grad_accum=16, epochs=100,
                  lora=True, lr=3e-4),
 }
-
-
-ALGOS = ("ppo", "reinforce", "rwr", "rwr-sparse")
-
-
-class SettingsError(ValueError):
-    pass
+# With --preset sd14, the paper's per-task settings (the authors' configs), unless given on the command line.
+PAPER_TASKS = {
+    "jpeg": dict(prompts="imagenet_animals"),
+    "jpeg-incompressibility": dict(prompts="imagenet_animals"),
+    # 2 optimizer steps per epoch: 256 samples / train batch 4 = 64 batches, accumulated 32 at a time
+    "aesthetic": dict(prompts="simple_animals", stat_buffer=32, stat_min_count=16, grad_accum=32, epochs=200),
+    "alignment": dict(prompts="animals_activities", stat_buffer=32, stat_min_count=16, grad_accum=32, epochs=200),
+}
+CHOICES = dict(preset=tuple(PRESETS), algo=("ppo", "reinforce", "rwr", "rwr-sparse"),
+               precision=("auto", "fp32", "bf16", "fp16"), compile=("auto", "on", "off"))
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description="DDPO fine-tuning; every field of Settings in train.py is a flag.")
-    yes_no = lambda text: text.lower() in ("1", "true", "yes", "on")
-    for f in dataclasses.fields(Settings):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=yes_no if f.type is bool else f.type, default=None,
-                            metavar=f.type.__name__, help=f"default {f.default!r} (or the preset's)")
+    """Settings from the command line: preset < (paper task settings with sd14) < flags; a resumed run's saved
+    settings < flags. Returns (settings, checkpoint to resume or None)."""
+    parser = settings_parser(Settings, PRESETS, "DDPO fine-tuning; every field of Settings in train.py is a flag.")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if given.get("resume"):  # a resumed run keeps its settings; what is given on the command line still wins
-        ckpts = checkpoints_of(given["resume"])
-        if not ckpts:
-            raise SettingsError(f"--resume {given['resume']}: it holds no checkpoint (no checkpoints/step_*), nothing to resume")
-        ckpt = ckpts[-1]
-        return Settings(**{**json.loads((ckpt / "state.json").read_text())["settings"], **given}), ckpt
+        run = Path(given["resume"])
+        ckpts = checkpoints_of(run)
+        saved = ckpts[-1] / "state.json" if ckpts else run / "settings.json"
+        if not saved.is_file():
+            raise UsageError(f"--resume {run}: no run there (no checkpoints/step_* and no settings.json)")
+        s = Settings(**{**json.loads(saved.read_text())["settings"], **given})
+        return check_settings(s), ckpts[-1] if ckpts else None
     preset = given.get("preset", Settings.preset)
     if preset not in PRESETS:
-        raise SettingsError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return Settings(**{**PRESETS[preset], **given}), None
+        raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    task = PAPER_TASKS.get(given.get("reward", Settings.reward), {}) if preset == "sd14" else {}
+    s = Settings(**{**PRESETS[preset], **task, **given})
+    if task:
+        chosen = {k: v for k, v in task.items() if k not in given}
+        print(f"--preset sd14 --reward {s.reward}: the paper's settings for this task: "
+              f"{', '.join(f'{k}={v}' for k, v in chosen.items()) or 'all overridden by flags'}")
+    return check_settings(s), None
+
+
+def check_settings(s, world=1):
+    """Every field's range, checked before anything is loaded: a bad value is one line naming the flag."""
+    def need(ok, field, accepted):
+        cli.need(ok, field, getattr(s, field), accepted)
+    for field, choices in CHOICES.items():
+        need(getattr(s, field) in choices, field, f"choose one of {', '.join(choices)}")
+    need(s.reward in REWARDS, "reward", f"choose one of {', '.join(REWARDS)}")
+    for field in ("epochs", "batch_size", "batches_per_epoch", "images_per_prompt", "train_batch_size", "grad_accum",
+                  "num_inner_epochs", "stat_buffer", "stat_min_count", "lora_rank", "save_every", "keep_checkpoints",
+                  "grid_every", "num_steps"):
+        need(getattr(s, field) >= 1, field, "must be at least 1")
+    for field in ("clip_range", "adv_clip_max", "adam_eps", "max_grad_norm"):  # 0 would make the update vanish
+        need(getattr(s, field) > 0, field, "must be above 0")
+    for field in ("seed", "guidance_scale", "kl_coef", "rwr_beta", "lr", "weight_decay", "threads"):
+        need(getattr(s, field) >= 0, field, "must be 0 or more")
+    need(s.num_steps <= 1000, "num_steps", "must be at most 1000 (the schedule's training steps)")
+    need(0 < s.eta <= 1 or (s.eta == 0 and s.algo.startswith("rwr")), "eta", "must be in (0, 1]: at eta 0 a "
+         "DDIM step is deterministic and has no log-probability for DDPO to train (RWR alone can use eta 0)")
+    need(0 < s.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
+    need(0 < s.rwr_top_fraction <= 1, "rwr_top_fraction", "must be in (0, 1]")
+    need(s.stat_min_count <= s.stat_buffer, "stat_min_count", f"must be at most --stat-buffer {s.stat_buffer}")
+    need(0 <= s.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+    need(0 <= s.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+    need(s.seed < 2**40, "seed", "must be below 2**40")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device), "device", "choose auto, cpu, cuda or cuda:N")
+    if s.device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        index = int(s.device.split(":")[1]) if ":" in s.device else 0
+        need(index < n, "device", f"no such GPU: this machine has {n} CUDA device(s)" + (" (use --device cpu)" * (n == 0)))
+    cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
+    need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
+    d = derived(s, world)
+    need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
+         f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
+    need(d.train_batches % d.grad_accum == 0, "grad_accum", f"must divide the {d.train_batches} train batches per epoch")
+    need(d.samples_per_epoch % s.images_per_prompt == 0, "images_per_prompt",
+         f"must divide the samples per epoch ({d.samples_per_epoch})")
+    if s.lr == 0:
+        warnings.warn("--lr 0: the model will not change (useful only to measure)")
+    return s
+
+
+def derived(s, world):
+    """The quantities that follow from the settings, printed at start-up."""
+    local_samples = s.batch_size * s.batches_per_epoch
+    train_batches = local_samples // s.train_batch_size
+    # reinforce is one update per fresh batch: all of the epoch's samples go into one optimizer step
+    grad_accum, inner = (train_batches, 1) if s.algo == "reinforce" else (s.grad_accum, s.num_inner_epochs)
+    return SimpleNamespace(local_samples=local_samples, samples_per_epoch=local_samples * world,
+                              train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
+                              timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
+                              steps_per_epoch=max(1, train_batches // grad_accum) * inner)
 
 
 def load_prompts(s, model_dir):
@@ -148,7 +219,7 @@ def load_prompts(s, model_dir):
     if path.is_file():
         return json.loads(path.read_text()) if path.suffix == ".json" else path.read_text().split("\n")
     if s.prompts:
-        raise SettingsError(f"--prompts {s.prompts!r} is neither a file nor a prompt set ({', '.join(PROMPTS)})")
+        raise UsageError(f"--prompts {s.prompts!r} is neither a file nor a prompt set ({', '.join(PROMPTS)})")
     return PROMPTS["simple_animals"]()
 
 
@@ -181,8 +252,8 @@ def compute_advantages(s, tracker, prompts, rewards):
     of the update) and stays out of every statistic; keeping it in place keeps all ranks' batches the same size."""
     ok = np.isfinite(rewards)
     r, out = rewards[ok], np.zeros_like(rewards)
-    if s.algo == "rwr":  # softmax(r / beta) * N: mean weight 1, the best samples weigh most
-        w = np.exp((r - r.max()) / s.rwr_beta)
+    if s.algo == "rwr":  # softmax(beta * r) * N: mean weight 1, the best samples weigh most; beta 0 = equal weights
+        w = np.exp(s.rwr_beta * (r - r.max()))
         out[ok] = w / w.sum() * len(r)
     elif s.algo == "rwr-sparse":  # weight 1 for the top fraction, 0 for the rest
         out[ok] = r >= np.quantile(r, 1 - s.rwr_top_fraction)
@@ -212,25 +283,63 @@ def policy_loss(s, log_prob, old_log_prob, advantages):
     return pg_loss, approx_kl.detach(), clipfrac.detach()
 
 
-def rwr_loss(unet, ddim, s, x0, context, negative_context, weights, gen):
+def ddpo_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
+    """DDPO's loss on one stored step of each trajectory in `rows`: score the action x_{t-1} that was taken under the
+    current policy (the same guided eps as sampling), then the policy loss, plus the KL to the base model if asked."""
+    x_t, x_prev, t = e.latents[rows, step], e.latents[rows, step + 1], ddim.timesteps[step]
+    eps = guided_eps(unet, x_t, t, e.context[rows], e.negative_context, s.guidance_scale)
+    _, log_prob = ddim.step(eps, t, x_t, eta=s.eta, x_prev=x_prev)
+    loss, approx_kl, clipfrac = policy_loss(s, log_prob, e.old_log_probs[rows, step], e.advantages[rows])
+    if s.kl_coef:  # c * KL(policy || base) at this step; the base's eps is a constant
+        with torch.no_grad():
+            eps_base = guided_eps(base_unet, x_t, t, e.context[rows], e.negative_context, s.guidance_scale)
+        loss = loss + s.kl_coef * ddim.kl(eps, eps_base, t, x_t, s.eta).mean()
+    return loss, approx_kl, clipfrac
+
+
+def rwr_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
     """RWR: the reward-weighted denoising loss w_i * ||eps_guided(x_t, t, c) - eps||^2 at a random t per sample."""
+    x0 = e.latents[rows, -1]
     t = torch.randint(ddim.alpha_bar.numel(), (len(x0),), generator=gen).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    eps = guided_eps(unet, ddim.add_noise(x0, noise, t), t, context, negative_context, s.guidance_scale)
-    return (weights * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    eps = guided_eps(unet, ddim.add_noise(x0, noise, t), t, e.context[rows], e.negative_context, s.guidance_scale)
+    zero = torch.zeros((), device=x0.device)
+    return (e.advantages[rows] * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean(), zero, zero
+
+
+@torch.no_grad()
+def kl_to_base(s, unet, base_unet, ddim, e, gen):
+    """Mean per-step KL(policy || base) at the states the epoch sampled, one random step per trajectory: an unbiased
+    estimate of the mean over all steps at 2 UNet calls per trajectory (about 8% of an epoch on the tiny preset)."""
+    kls = []
+    for rows in torch.arange(len(e.latents), device=e.latents.device).split(s.train_batch_size):
+        step = torch.randint(ddim.num_steps, (len(rows),), generator=gen).to(rows.device)
+        x_t, t, context = e.latents[rows, step], ddim.timesteps[step], e.context[rows]
+        eps = guided_eps(unet, x_t, t, context, e.negative_context, s.guidance_scale)
+        eps_base = guided_eps(base_unet, x_t, t, context, e.negative_context, s.guidance_scale)
+        kls.append(ddim.kl(eps, eps_base, t, x_t, s.eta))
+    return torch.cat(kls).mean().item()
+
+
+def base_model(sd, unet, lora, dtype):
+    """The base model's UNet, for the KL to it: with LoRA the same UNet with its adapters switched off (no copy);
+    with full fine-tuning a frozen copy of the published weights in the compute dtype (one more UNet in memory:
+    1.7 GB in bf16 at SD v1-4 size, 4.3 MB on the tiny model), compiled if the UNet is."""
+    if lora:
+        def base_unet(*args):
+            with lora_off(sd.unet):
+                return unet(*args)
+        return base_unet
+    frozen = copy.deepcopy(sd.unet).to(dtype).requires_grad_(False)
+    return frozen if unet is sd.unet else torch.compile(frozen)
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(s, resume_ckpt=None):
-    # Under torchrun every process runs this same function on its own GPU; alone, rank 0 of a world of 1.
-    distributed = "RANK" in os.environ
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    auto = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if s.device == "auto" else s.device)
+    ranks = Ranks()
+    device = torch.device(ranks.device if s.device == "auto" else s.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
@@ -238,154 +347,112 @@ def main(s, resume_ckpt=None):
     use_compile = cuda if s.compile == "auto" else s.compile == "on"
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
-    log = print if rank == 0 else (lambda *a, **k: None)
     if s.threads:
         torch.set_num_threads(s.threads)
-
-    # --- derived quantities, checked before anything heavy -----------------------------------------------------
-    if s.algo not in ALGOS:
-        raise SettingsError(f"unknown algorithm {s.algo!r}; choose one of: {', '.join(ALGOS)}")
-    if s.reward not in REWARDS:
-        raise SettingsError(f"unknown reward {s.reward!r}; choose one of: {', '.join(REWARDS)}")
-    local_samples = s.batch_size * s.batches_per_epoch
-    samples_per_epoch = local_samples * world
-    train_batches = local_samples // s.train_batch_size
-    if local_samples % s.train_batch_size:
-        raise SettingsError(f"samples per epoch per process ({s.batch_size} x {s.batches_per_epoch} = {local_samples}) "
-                            f"is not divisible by --train-batch-size {s.train_batch_size}")
-    if s.algo == "reinforce":  # one update per fresh batch: all of the epoch's samples go into one optimizer step
-        s.grad_accum, s.num_inner_epochs = train_batches, 1
-    if train_batches % s.grad_accum:
-        raise SettingsError(f"{train_batches} train batches per epoch are not divisible by --grad-accum {s.grad_accum}")
-    if s.images_per_prompt < 1 or samples_per_epoch % s.images_per_prompt:
-        raise SettingsError(f"--images-per-prompt {s.images_per_prompt} must be at least 1 and divide the samples "
-                            f"per epoch ({samples_per_epoch})")
-    timesteps_trained = max(1, int(s.num_steps * s.timestep_fraction))
-    steps_per_epoch = train_batches // s.grad_accum * s.num_inner_epochs
-
+    d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir = resolve_model(s.model)
-    log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
+    ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
     prompts = load_prompts(s, model_dir)
-    if not s.name:  # every rank must agree on the folder: rank 0 names it
-        names = [f"{s.reward}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if distributed:
-            dist.broadcast_object_list(names, src=0)
-        s.name = names[0]
-    run_dir = resume_ckpt.parent.parent if resume_ckpt else Path(s.out_dir) / s.name
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / f".write_test{rank}").write_text("ok")
-        (run_dir / f".write_test{rank}").unlink()
-    except OSError as e:
-        raise SettingsError(f"cannot write to {run_dir} ({e.strerror}); choose another folder with --out-dir") from None
-    log(f"run: {run_dir}  device: {device} x {world}  precision: {precision}  compile: {use_compile}  algo: {s.algo}  "
-        f"reward: {s.reward}  prompts: {len(prompts)}")
-    log(f"samples/epoch: {samples_per_epoch}  optimizer steps/epoch: {steps_per_epoch}  timesteps trained/sample: "
-        f"{timesteps_trained} of {s.num_steps}  samples/optimizer step: {s.train_batch_size * s.grad_accum * world}")
+    s.name = s.name or ranks.agree(f"{s.reward}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(s.resume) if s.resume else Path(s.out_dir) / s.name
+    start_run(run_dir, s, ranks.rank)
+    ranks.log(f"run: {run_dir}  device: {device} x {ranks.world}  precision: {precision}  compile: {use_compile}  "
+              f"algo: {s.algo}  reward: {s.reward}  prompts: {len(prompts)}")
+    ranks.log(f"samples/epoch: {d.samples_per_epoch}  optimizer steps/epoch: {d.steps_per_epoch}  timesteps trained/"
+              f"sample: {d.timesteps} of {s.num_steps}  samples/optimizer step: {s.train_batch_size * d.grad_accum * ranks.world}")
 
     # --- model, trainable weights, optimizer ------------------------------------------------------------------------
     torch.manual_seed(s.seed)  # the same LoRA init on every rank
     sd = StableDiffusion.from_pretrained(model_dir, device=device, dtype=compute_dtype if cuda else torch.float32)
+    sd.unet.grad_checkpoint = s.grad_checkpoint
     if s.lora:
         params = lora_parameters(add_lora(sd.unet, s.lora_rank))  # new LoRA weights are fp32
     else:
         params = list(sd.unet.float().requires_grad_(True).parameters())  # fp32 master weights
-    log(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.3f} M ({'LoRA' if s.lora else 'full UNet'})")
+    ranks.log(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.3f} M ({'LoRA' if s.lora else 'full UNet'})")
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay,
                                   eps=s.adam_eps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     unet = torch.compile(sd.unet) if use_compile else sd.unet  # the compiled callable runs; sd.unet is what we save
+    base_unet = base_model(sd, unet, s.lora, compute_dtype)  # before resuming: the base is the published weights
     tracker = PerPromptStatTracker(s.stat_buffer, s.stat_min_count)
     start_epoch, global_step = 0, 0
     if resume_ckpt:
         state = resume(resume_ckpt, sd, optimizer)
         start_epoch, global_step, tracker.buffers = state["epoch"], state["global_step"], state["stat_buffers"]
-        log(f"resumed from {resume_ckpt}: epoch {start_epoch}, optimizer step {global_step}")
-    reward_fn = get_reward(s.reward)
-    scorer = AsyncReward(reward_fn)  # rewards run on a background thread while the next batch samples
-    metrics_path = run_dir / "metrics.jsonl"
-    if rank == 0 and resume_ckpt and metrics_path.exists():  # forget epochs logged after the checkpoint: they rerun
-        lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
-        metrics_path.write_text("".join(l + "\n" for l in lines))
+        ranks.log(f"resumed from {resume_ckpt}: epoch {start_epoch}, optimizer step {global_step}")
+    scorer = AsyncReward(get_reward(s.reward))  # rewards run on a background thread while the next batch samples
+    checker = checker_for(prompts) and AsyncReward(checker_for(prompts))  # the tiny world's faithfulness, logged
+    step_loss = rwr_step_loss if s.algo.startswith("rwr") else ddpo_step_loss
     ddim = DDIM(s.num_steps).to(device)
-    if rank == 0 and cuda:
-        torch.cuda.reset_peak_memory_stats()
+    if ranks.rank == 0:
+        forget_after(run_dir / "metrics.jsonl", start_epoch)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
 
     for epoch in range(start_epoch, s.epochs):
         # Everything random in an epoch derives from (seed, epoch) and is drawn identically on every rank for the
         # whole epoch; each rank then takes its slice. So prompts never need gathering, a resumed run draws what the
         # original would have, and N processes see exactly the samples one process would.
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
-        n_global = s.batch_size * world
-        drawn = draw_prompts(prompts, samples_per_epoch, s.images_per_prompt, gen)
-        all_prompts = [drawn[b * n_global : (b + 1) * n_global] for b in range(s.batches_per_epoch)]
-        all_seeds = [torch.randint(2**31, (n_global,), generator=gen).tolist() for _ in range(s.batches_per_epoch)]
-        mine = slice(rank * s.batch_size, (rank + 1) * s.batch_size)
+        drawn = np.array(draw_prompts(prompts, d.samples_per_epoch, s.images_per_prompt, gen), dtype=object)
+        all_prompts = drawn.reshape(s.batches_per_epoch, ranks.world, s.batch_size)
+        all_seeds = torch.stack([torch.randint(2**31, (ranks.world * s.batch_size,), generator=gen)
+                                 for _ in range(s.batches_per_epoch)]).view(s.batches_per_epoch, ranks.world, -1)
 
         # --- 1. sample trajectories with the current policy ---------------------------------------------------------
         t0 = time.time()
-        trajs, futures = [], []
-        for b in tqdm(range(s.batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=rank > 0):
-            traj = sample(sd, all_prompts[b][mine], all_seeds[b][mine], s.num_steps, s.guidance_scale, s.eta,
+        trajs, futures, checks = [], [], []
+        for b in tqdm(range(s.batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=ranks.rank > 0):
+            my_prompts = list(all_prompts[b, ranks.rank])
+            traj = sample(sd, my_prompts, all_seeds[b, ranks.rank].tolist(), s.num_steps, s.guidance_scale, s.eta,
                           unet=unet, autocast=autocast)
-            futures.append(scorer.submit(to_uint8(traj.images), all_prompts[b][mine]))
+            futures.append(scorer.submit(to_uint8(traj.images), my_prompts))
+            checks += [checker.submit(to_uint8(traj.images), my_prompts)] if checker else []
             trajs.append(traj)
         t_sample = time.time() - t0
         local_rewards = np.concatenate([f.result() for f in futures]).astype(np.float64)  # waits for the last batch
         t_reward = time.time() - t0 - t_sample
-        shown = (list(to_uint8(trajs[0].images[:8])), all_prompts[0][mine][:8], local_rewards[:8])  # for the grid
 
         # --- 2. rewards of the whole epoch -> advantages of this rank's samples -------------------------------------
-        rewards = torch.from_numpy(local_rewards).to(device).view(s.batches_per_epoch, 1, s.batch_size)
-        if distributed:  # (batches, ranks, batch): the same order as all_prompts
-            gathered = [torch.empty_like(rewards) for _ in range(world)]
-            dist.all_gather(gathered, rewards)
-            rewards = torch.cat(gathered, dim=1)
-        rewards = rewards.flatten().cpu().numpy()
-        flat_prompts = [p for batch in all_prompts for p in batch]
+        rewards = ranks.gather(local_rewards, s.batches_per_epoch)
         if not np.isfinite(rewards).all():
             warnings.warn(f"epoch {epoch}: {int((~np.isfinite(rewards)).sum())} image(s) got a NaN/inf reward and are "
                           f"left out of the update")
-        advantages = compute_advantages(s, tracker, flat_prompts, rewards).reshape(s.batches_per_epoch, world, -1)
-        advantages = torch.tensor(advantages[:, rank].reshape(-1), dtype=torch.float32, device=device)
-        latents = torch.cat([t.latents for t in trajs])            # (N, T+1, C, h, w), this rank's samples
-        old_log_probs = torch.cat([t.log_probs for t in trajs])    # (N, T)
-        context = torch.cat([t.context for t in trajs])            # (N, 77, D)
-        negative_context = trajs[0].negative_context
+        advantages = compute_advantages(s, tracker, list(all_prompts.flat), rewards).reshape(all_prompts.shape)
+        e = SimpleNamespace(  # this rank's samples
+            latents=torch.cat([t.latents for t in trajs]),  # (N, T+1, C, h, w)
+            old_log_probs=torch.cat([t.log_probs for t in trajs]) if s.eta else None,  # (N, T); eta 0 (RWR): none
+            context=torch.cat([t.context for t in trajs]),  # (N, 77, D)
+            negative_context=trajs[0].negative_context,  # (1, 77, D)
+            advantages=torch.tensor(ranks.mine(advantages), dtype=torch.float32, device=device))  # (N,)
+        t0 = time.time()
+        with autocast:  # before training, so epoch 0's is exactly 0: the policy that sampled it is the base
+            kl = kl_to_base(s, unet, base_unet, ddim, e, torch.Generator().manual_seed(s.seed + 7919 * epoch)) \
+                if s.eta else None
+        t_kl = time.time() - t0
 
         # --- 3. train on the stored steps ----------------------------------------------------------------------------
         t0 = time.time()
         stats = torch.zeros(3, device=device)  # running sums of loss, approx_kl, clipfrac: read once per epoch
-        micro = 0
-        bar = tqdm(total=train_batches * s.num_inner_epochs, desc=f"epoch {epoch} training", leave=False, disable=rank > 0)
-        for _ in range(s.num_inner_epochs):
-            order = torch.randperm(local_samples, generator=gen).to(device)
+        micro = d.grad_accum * d.timesteps  # (batch, timestep) pairs averaged into one optimizer step
+        bar = tqdm(total=d.train_batches * d.inner_epochs, desc=f"epoch {epoch} training", leave=False,
+                   disable=ranks.rank > 0)
+        for _ in range(d.inner_epochs):
+            order = torch.randperm(d.local_samples, generator=gen).to(device)
             # Each sample trains its own random subset and order of steps, so a micro-batch mixes timesteps.
-            perms = torch.stack([torch.randperm(s.num_steps, generator=gen) for _ in range(samples_per_epoch)])
-            perms = perms.view(s.batches_per_epoch, world, s.batch_size, -1)[:, rank].reshape(local_samples, -1).to(device)
-            for i in range(0, local_samples, s.train_batch_size):
+            perms = torch.stack([torch.randperm(s.num_steps, generator=gen) for _ in range(d.samples_per_epoch)])
+            perms = ranks.mine(perms.view(s.batches_per_epoch, ranks.world, s.batch_size, -1)).to(device)
+            pairs = itertools.product(range(0, d.local_samples, s.train_batch_size), range(d.timesteps))
+            for n, (i, j) in enumerate(pairs, start=1):
                 rows = order[i : i + s.train_batch_size]
-                for j in range(timesteps_trained):
-                    step = perms[rows, j]
-                    with autocast:
-                        if s.algo.startswith("rwr"):
-                            loss = rwr_loss(unet, ddim, s, latents[rows, -1], context[rows], negative_context,
-                                            advantages[rows], gen)
-                            approx_kl = clipfrac = torch.zeros((), device=device)
-                        else:
-                            log_prob = log_prob_of_step(unet, ddim, latents[rows, step], latents[rows, step + 1],
-                                                        ddim.timesteps[step], context[rows], negative_context,
-                                                        s.guidance_scale, s.eta)
-                            loss, approx_kl, clipfrac = policy_loss(s, log_prob, old_log_probs[rows, step], advantages[rows])
-                    # one optimizer step averages over its grad_accum batches and their trained timesteps
-                    scaler.scale(loss / (s.grad_accum * timesteps_trained)).backward()
-                    stats += torch.stack([loss.detach(), approx_kl, clipfrac])
-                micro += 1
-                bar.update()
-                if micro % s.grad_accum == 0:
-                    if distributed:  # average exactly the trained parameters' gradients over the ranks
-                        for p in params:
-                            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                with autocast:
+                    loss, approx_kl, clipfrac = step_loss(s, unet, base_unet, ddim, e, rows, perms[rows, j], gen)
+                scaler.scale(loss / micro).backward()  # one optimizer step averages over its batches and timesteps
+                stats += torch.stack([loss.detach(), approx_kl, clipfrac])
+                bar.update(j == d.timesteps - 1)
+                if n % micro == 0:
+                    ranks.average_gradients(params)
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                     scaler.step(optimizer)
@@ -396,30 +463,36 @@ def main(s, resume_ckpt=None):
         t_train = time.time() - t0
 
         # --- log, show, save (rank 0 only, and nothing in here waits for the other ranks) -------------------------
-        if rank == 0:
-            loss, approx_kl, clipfrac = (stats / (micro * timesteps_trained)).tolist()
+        if ranks.rank == 0:
+            loss, approx_kl, clipfrac = (stats / (d.train_batches * d.inner_epochs * d.timesteps)).tolist()
             ok = rewards[np.isfinite(rewards)]
             m = dict(epoch=epoch, global_step=global_step, reward_mean=float(ok.mean()), reward_std=float(ok.std()),
-                     loss=loss, approx_kl=approx_kl, clipfrac=clipfrac, samples=len(ok), sample_s=round(t_sample, 2),
-                     reward_s=round(t_reward, 2), train_s=round(t_train, 2),
-                     images_per_s=round(samples_per_epoch / t_sample, 2))
+                     loss=loss, approx_kl=approx_kl, clipfrac=clipfrac, kl_to_base=kl, samples=len(ok),
+                     sample_s=round(t_sample, 2), reward_s=round(t_reward, 2), train_s=round(t_train, 2), kl_s=round(t_kl, 2),
+                     images_per_s=round(d.samples_per_epoch / t_sample, 2))
+            if checker:
+                m["faithfulness"] = float(np.concatenate([c.result() for c in checks]).mean())
             if cuda:
                 m["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                m["mfu"] = mfu(sd, s, samples_per_epoch / world, timesteps_trained, t_sample + t_train)
-            with open(metrics_path, "a") as f:
+                m["mfu"] = mfu(sd, s, d.local_samples, d.timesteps, t_sample + t_train)
+            with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
-            log(f"epoch {epoch}: reward {m['reward_mean']:.4f} +- {m['reward_std']:.4f}  loss {loss:.4g}  "
-                f"kl {approx_kl:.2e}  clipfrac {clipfrac:.3f}  sample {t_sample:.1f}s  train {t_train:.1f}s")
+            ranks.log(f"epoch {epoch}: reward {m['reward_mean']:.4f} +- {m['reward_std']:.4f}  loss {loss:.4g}  "
+                      f"kl {approx_kl:.2e}  clipfrac {clipfrac:.3f}  kl_to_base {kl or 0:.2e}  sample {t_sample:.1f}s  "
+                      f"train {t_train:.1f}s")
             last = epoch == s.epochs - 1
             if (epoch + 1) % s.grid_every == 0 or last:
-                images, labels, scores = shown
-                grid([images], [f"epoch {epoch}"], labels, [scores]).save(run_dir / f"samples_epoch{epoch:04d}.png")
+                grid([list(to_uint8(trajs[0].images[:8]))], [f"epoch {epoch}"], list(all_prompts[0, 0, :8]),
+                     [local_rewards[:8]]).save(run_dir / f"samples_epoch{epoch:04d}.png")
             if (epoch + 1) % s.save_every == 0 or last:
                 state = dict(epoch=epoch + 1, global_step=global_step, settings=dataclasses.asdict(s),
                              stat_buffers=tracker.buffers)
                 save_checkpoint(run_dir, sd, s.lora, optimizer, state, s.keep_checkpoints)
     scorer.close()
-    log(f"done: {run_dir}")
+    if checker:
+        checker.close()
+    ranks.close()
+    ranks.log(f"done: {run_dir}")
     return sd
 
 
@@ -444,11 +517,4 @@ def mfu(sd, s, samples, timesteps_trained, seconds):
 
 
 if __name__ == "__main__":
-    try:
-        settings, ckpt = parse_settings()
-        main(settings, ckpt)
-    except (SettingsError, LoadError, FileNotFoundError) as e:  # FileNotFoundError: a reward model not downloaded
-        sys.exit(f"train.py: error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cli.run("train.py", lambda: main(*parse_settings()))

@@ -6,9 +6,14 @@ Training checkpoints: runs/<name>/checkpoints/step_<N>/, written by train.py, re
     step_<N>/optimizer.safetensors  AdamW moments;  rng.safetensors  torch RNG states
     step_<N>/state.json           epoch, step, base model, settings, per-prompt reward buffers, optimizer settings
 
+    <run>/settings.json           the settings, written when the run starts: even a run killed before its first
+                                  checkpoint can be resumed (from epoch 0)
+    <run>/metrics.jsonl           a line per epoch
+
 Tensors are safetensors and everything else JSON, never pickles. A checkpoint is written to a hidden temp folder and
 renamed into place, so a run killed in the middle of a save loses that save and nothing else.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from nanoddpo.cli import UsageError
 from nanoddpo.lora import apply_lora_file, lora_state_dict
 from nanoddpo.model import LoadError, save_json, save_safetensors
 
@@ -83,3 +89,24 @@ def resume(ckpt, sd, optimizer):
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def start_run(run_dir, s, rank):
+    """One run, one folder: a fresh run never writes into another run's folder, and its settings are saved at once,
+    so a run killed before its first checkpoint can still be resumed (from epoch 0)."""
+    if rank == 0 and not s.resume and any((run_dir / f).exists() for f in ("settings.json", "metrics.jsonl")):
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or start a new one "
+                         f"with another --name")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not s.resume:
+            save_json(dict(settings=dataclasses.asdict(s)), run_dir / "settings.json")
+    except OSError as e:
+        raise UsageError(f"cannot write to {run_dir} ({e.strerror}); choose another folder with --out-dir") from None
+
+
+def forget_after(metrics_path, start_epoch):
+    """A resumed run reruns the epochs after its checkpoint: drop their lines so each epoch is logged once."""
+    if metrics_path.exists():
+        lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
+        metrics_path.write_text("".join(l + "\n" for l in lines))

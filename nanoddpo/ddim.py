@@ -9,6 +9,7 @@ arXiv 2305.13301) uses it.
     ddim = DDIM(num_steps=50)                            # timesteps 981, 961, ..., 1
     x_prev, log_prob = ddim.step(eps, t, x_t)            # sample a step and score it
     _, log_prob = ddim.step(eps, t, x_t, x_prev=stored)  # score a stored step under new eps
+    kl = ddim.kl(eps, eps_base, t, x_t)                  # KL to the base model's step, per latent dim
     traj = sample(sd, ["a cat"], seeds=[0])              # the whole trajectory train.py needs
 
 Tests: python -m pytest -q tests/test_ddim.py
@@ -79,16 +80,9 @@ class DDIM:
         eta = 0 is deterministic DDIM: sampling returns (x_prev_mean, None); scoring a given x_prev has no density
         and raises ValueError.
         """
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
         if eta == 0 and x_prev is not None:
             raise ValueError("eta = 0 is deterministic: a step has no log-probability; use eta > 0 to score x_prev")
-        shape = (-1,) + (1,) * (x_t.ndim - 1)  # broadcast the per-sample scalars over (C, h, w)
-        alpha_bar_t, alpha_bar_prev = (a.reshape(shape) for a in self._alpha_bars(t, x_t.device))
-        eps, x_t = eps.float(), x_t.float()  # bf16 eps from an autocast UNet; the step itself is always float32
-        x0_pred = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # DDIM eq. 12 "predicted x_0"; no clipping
-        sigma_t = self.sigma(t, eta, x_t.device).reshape(shape)
-        x_prev_mean = alpha_bar_prev.sqrt() * x0_pred + (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps
+        x_prev_mean, sigma_t = self.mean_and_sigma(eps, t, x_t, eta)
         if eta == 0:
             return x_prev_mean, None
         if x_prev is None:
@@ -96,6 +90,29 @@ class DDIM:
         x_prev = x_prev.detach().float()
         log_prob = -((x_prev - x_prev_mean) ** 2) / (2 * sigma_t**2) - sigma_t.log() - LOG_SQRT_2PI
         return x_prev, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
+
+    def mean_and_sigma(self, eps, t, x_t, eta=1.0):
+        """The step's Gaussian: x_prev_mean (B, C, h, w) and sigma_t (B, 1, 1, 1), float32 (DDIM eq. 12 and 16)."""
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        shape = (-1,) + (1,) * (x_t.ndim - 1)  # broadcast the per-sample scalars over (C, h, w)
+        alpha_bar_t, alpha_bar_prev = (a.reshape(shape) for a in self._alpha_bars(t, x_t.device))
+        eps, x_t = eps.float(), x_t.float()  # bf16 eps from an autocast UNet; the step itself is always float32
+        x0_pred = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # DDIM eq. 12 "predicted x_0"; no clipping
+        sigma_t = self.sigma(t, eta, x_t.device).reshape(shape)
+        x_prev_mean = alpha_bar_prev.sqrt() * x0_pred + (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps
+        return x_prev_mean, sigma_t
+
+    def kl(self, eps, eps_base, t, x_t, eta=1.0):
+        """KL(p || p_base) (B,) between the step's Gaussian under eps and under eps_base at the same (x_t, t).
+
+        Both have the same sigma_t, so the KL has a closed form, ||mean - mean_base||^2 / (2 sigma_t^2) (DPOK, Fan
+        et al. 2023, arXiv 2305.16381). Like the log-prob it is the MEAN over the latent dims (C, h, w), i.e. the KL
+        per dimension; multiply by C * h * w for the KL of the whole latent. Gradient flows through both eps.
+        """
+        mean, sigma_t = self.mean_and_sigma(eps, t, x_t, eta)
+        mean_base, _ = self.mean_and_sigma(eps_base, t, x_t, eta)
+        return ((mean - mean_base) ** 2 / (2 * sigma_t**2)).mean(dim=tuple(range(1, x_t.ndim)))
 
 
 def guided_eps(unet, x_t, t, context, negative_context, guidance_scale):

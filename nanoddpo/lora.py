@@ -7,9 +7,12 @@ is about 0.8 M trainable parameters instead of 860 M. The base weights keep thei
 are `<layer>.lora_A.weight` and `<layer>.lora_B.weight`, saved alone in lora.safetensors.
 
     add_lora(unet, rank=4)               # then train lora_parameters(unet)
+    with lora_off(unet): ...             # the base model, without a second copy
     save_safetensors(lora_state_dict(unet), "lora.safetensors")
     apply_lora_file(unet, "lora.safetensors")
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
@@ -20,8 +23,11 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update; keeps `weight` and `bias` so the base keys stay as published."""
 
+    lora_on = True  # lora_off() switches the update off: the layer is then exactly the base nn.Linear
+
     def forward(self, x):
-        return super().forward(x) + self.lora_B(self.lora_A(x))
+        out = super().forward(x)
+        return out + self.lora_B(self.lora_A(x)) if self.lora_on else out
 
 
 def add_lora(unet, rank=4):
@@ -35,6 +41,20 @@ def add_lora(unet, rank=4):
             nn.init.normal_(module.lora_A.weight, std=1 / rank)
             nn.init.zeros_(module.lora_B.weight)
     return unet
+
+
+@contextmanager
+def lora_off(unet):
+    """Run the base model: inside this block every LoRA layer of `unet` computes W x alone. No copy of the UNet is
+    made, and the output is bit for bit the published weights' output (what the KL to the base model needs)."""
+    layers = [m for m in unet.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_on = False
+    try:
+        yield unet
+    finally:
+        for m in layers:
+            del m.lora_on  # back to the class default, True
 
 
 def lora_parameters(unet):

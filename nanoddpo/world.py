@@ -229,6 +229,16 @@ def tinyworld_reward(images, prompts):
     return np.array(scores, dtype=np.float32)
 
 
+def checker_for(prompts):
+    """tinyworld_reward when every prompt is one of this world's, so train.py can log the faithfulness of any run on
+    the tiny model whatever reward it trains; None otherwise (SD's prompts cannot be checked)."""
+    try:
+        [parse_prompt(p) for p in prompts]
+    except (ValueError, AttributeError):
+        return None
+    return tinyworld_reward
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizer
 

@@ -1,0 +1,72 @@
+"""
+The command line of train.py and sample.py: one way to turn flags into settings, and one way to fail.
+
+A setting the user can fix ends in ONE line that names the flag, the value given and what is accepted, before anything
+heavy runs, and never in a traceback:
+
+    train.py: error: --precision fp8: choose one of auto, fp32, bf16, fp16
+
+    parser = settings_parser(Settings, PRESETS)   # a flag per dataclass field, its comment as the help
+    run("train.py", lambda: main(...))            # UsageError / LoadError -> that one line, exit code 1
+"""
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+
+YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class UsageError(ValueError):
+    """Bad input the user can fix: a setting, a prompt file, a missing download. Reported as one line."""
+
+
+def need(ok, flag, value, accepted):
+    """Stop with '--flag value: accepted' unless ok."""
+    if not ok:
+        raise UsageError(f"--{flag.replace('_', '-')} {value}: {accepted}")
+
+
+def yes_no(text):
+    if text.lower() not in YES + NO:
+        raise argparse.ArgumentTypeError(f"{text}: say one of {', '.join(YES)} or {', '.join(NO)}")
+    return text.lower() in YES
+
+
+def number(kind):
+    def parse(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: expected {'a whole number' if kind is int else 'a number'}")
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block and exit code 2
+        raise UsageError(message.replace("argument ", ""))
+
+
+def settings_parser(cls, presets, description):
+    """A flag for every field of the dataclass `cls` (--out-dir and --out_dir alike), with the field's comment in the
+    source as its help and each preset's value as its default. Every default is None: 'not given'."""
+    comments = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
+    parser = Parser(description=description)
+    for f in dataclasses.fields(cls):
+        defaults = ", ".join(f"{p} {values.get(f.name, f.default)!r}" for p, values in presets.items())
+        kind = yes_no if f.type is bool else number(f.type) if f.type in (int, float) else str
+        parser.add_argument(*dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name]), dest=f.name, type=kind,
+                            default=None, metavar=f.type.__name__,
+                            help=f"{comments.get(f.name, '')} (default: {defaults})")
+    return parser
+
+
+def run(prog, main):
+    """Run main(); input the user can fix ends in one line on stderr and exit code 1."""
+    from nanoddpo.model import LoadError
+
+    try:
+        return main()
+    except (UsageError, LoadError) as e:
+        sys.exit(f"{prog}: error: {e}")
