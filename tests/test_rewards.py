@@ -32,6 +32,20 @@ def test_jpeg_rewards_rank_flat_above_noise():
     np.testing.assert_array_equal(compress, -incompress)
 
 
+def test_jpeg_reward_is_the_papers_measure():
+    # -(bytes of the JPEG at quality 95) / 1000, measured here with PIL directly: the quality matters (90 is smaller).
+    import io
+    from PIL import Image
+    images = random_images(3)
+    def kb(img, quality):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        return len(buf.getvalue()) / 1000
+    expected = np.array([-kb(img, 95) for img in images], dtype=np.float32)
+    np.testing.assert_array_equal(get_reward("jpeg")(images, ["p"] * 3), expected)
+    assert all(kb(img, 90) < -e for img, e in zip(images, expected))
+
+
 def test_unknown_reward_lists_choices():
     with pytest.raises(ValueError) as err:
         get_reward("nope")

@@ -1,7 +1,10 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
 import json
+import runpy
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ from safetensors.torch import load_file
 
 import train
 from nanoddpo import rewards
-from nanoddpo.ddim import log_prob_of_step, sample, DDIM
+from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
+from nanoddpo.lora import add_lora, lora_off, lora_parameters
 from nanoddpo.model import StableDiffusion
 from nanoddpo.prompts import draw_prompts
 
@@ -48,6 +52,75 @@ def test_clipping_engages_outside_the_clip_range():
     assert grad[1] != 0 and grad[2] != 0
     _, _, clipfrac = train.policy_loss(s, log_prob, old, adv)
     assert clipfrac == 1.0
+
+
+def test_clip_is_symmetric_at_its_edges():
+    # Ratios 1.5 clip ranges from 1 on either side are clipped; half a clip range inside are not. A range made
+    # asymmetric, (1 - 2c, 1 + c) or (1 - c, 1 + 2c), fails one of the four.
+    c = 1e-3
+    s = settings(clip_range=c)
+    log_prob = torch.log(torch.tensor([1 - 1.5 * c, 1 + 1.5 * c, 1 - 0.5 * c, 1 + 0.5 * c]))
+    adv = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # each pushes its ratio further out: clipped when out of range
+    grad = grad_of(lambda lp, o, a: train.policy_loss(s, lp, o, a)[0], log_prob, torch.zeros(4), adv)
+    ratio = log_prob.exp()
+    assert grad[0] == 0 and grad[1] == 0
+    assert torch.allclose(grad[2:], -adv[2:] * ratio[2:] / 4)  # inside: d/dlogp of -A * ratio, averaged over 4
+    assert train.policy_loss(s, log_prob, torch.zeros(4), adv)[2] == 0.5
+
+
+def test_kl_to_base_weighs_only_in_the_penalty(tiny_model_dir):
+    # --kl-coef 0 is the paper's DDPO: the loss is exactly policy_loss of the step's log-prob, bit for bit; with
+    # c > 0 it adds c * KL(policy || base), computed from the base model's eps.
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    traj = sample(sd, ["a red cat", "cat"], seeds=[1, 2], num_steps=4, guidance_scale=5.0)
+    base = train.base_model(sd, sd.unet, False, torch.float32)
+    sd.unet.requires_grad_(True)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # the policy has moved away from the base
+    ddim = DDIM(4)
+    e = SimpleNamespace(latents=traj.latents, old_log_probs=traj.log_probs, context=traj.context,
+                        negative_context=traj.negative_context, advantages=torch.tensor([1.0, -0.5]))
+    rows, step = torch.tensor([0, 1]), torch.tensor([1, 2])
+    t = ddim.timesteps[step]
+    log_prob = log_prob_of_step(sd.unet, ddim, traj.latents[rows, step], traj.latents[rows, step + 1], t, traj.context,
+                                traj.negative_context, 5.0)
+    expected = train.policy_loss(settings(), log_prob, traj.log_probs[rows, step], e.advantages)[0]
+    loss0 = train.ddpo_step_loss(settings(kl_coef=0.0), sd.unet, base, ddim, e, rows, step, None)[0]
+    assert torch.equal(loss0, expected)
+    eps = guided_eps(sd.unet, traj.latents[rows, step], t, traj.context, traj.negative_context, 5.0)
+    eps_base = guided_eps(base, traj.latents[rows, step], t, traj.context, traj.negative_context, 5.0)
+    kl = ddim.kl(eps, eps_base, t, traj.latents[rows, step]).mean()
+    loss2 = train.ddpo_step_loss(settings(kl_coef=2.0), sd.unet, base, ddim, e, rows, step, None)[0]
+    assert kl > 0 and torch.allclose(loss2, expected + 2.0 * kl, rtol=1e-6)
+    loss2.backward()  # the frozen base gets no gradient; the policy does
+    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad is not None for p in sd.unet.parameters() if p.requires_grad)
+
+
+# --- LoRA -----------------------------------------------------------------------------------------------------------
+
+def test_lora_starts_at_the_base_and_switches_off_to_it(tiny_model_dir):
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([981, 1]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        base = sd.unet(x, t, ctx)
+        add_lora(sd.unet, rank=4)
+        assert torch.equal(sd.unet(x, t, ctx), base)  # B = 0 at the start: exactly the base model
+        for p in lora_parameters(sd.unet):
+            p.add_(0.1 * torch.randn_like(p))  # as if trained
+        assert not torch.allclose(sd.unet(x, t, ctx), base, atol=1e-4)
+        with lora_off(sd.unet):
+            assert torch.equal(sd.unet(x, t, ctx), base)  # the published weights' output, bit for bit
+        assert not torch.allclose(sd.unet(x, t, ctx), base, atol=1e-4)  # and back on after the block
+
+
+def test_lora_on_sd_v1_4_trains_the_papers_797184_parameters():
+    from nanoddpo.model import UNet
+    cfg = json.loads((Path(__file__).parents[1] / "nanoddpo/configs/sd-v1-4/unet_config.json").read_text())
+    with torch.device("meta"):
+        unet = add_lora(UNet(cfg), rank=4)
+    assert sum(p.numel() for p in lora_parameters(unet)) == 797_184
 
 
 # --- the epoch's prompts ------------------------------------------------------------------------------------------
@@ -130,16 +203,80 @@ def test_run_writes_metrics_grids_and_checkpoints(tmp_path, tiny_model_dir, algo
     assert (run_dir / "samples_epoch0001.png").is_file()
 
 
-def test_resume_continues_exactly(tmp_path, tiny_model_dir):
-    straight = run(tmp_path / "a", tiny_model_dir, name="r", epochs=2)
-    interrupted = run(tmp_path / "b", tiny_model_dir, name="r", epochs=1)
-    s, ckpt = train.parse_settings(["--resume", str(interrupted), "--epochs", "2"])
+def two_prompts(tmp_path):
+    (tmp_path / "two.txt").write_text("a red cat\nred cat\n")
+    return str(tmp_path / "two.txt")
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.5])
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, kl_coef):
+    # Two prompts, 4 images each per epoch and min count 2: from epoch 1 on, each prompt's advantages are z-scored
+    # against a buffer that holds the earlier epochs' rewards, so a resume that lost the buffers would land elsewhere.
+    # With the KL penalty, the base model must be the published weights, not the checkpoint resumed from.
+    kw = dict(name="r", prompts=two_prompts(tmp_path), images_per_prompt=4, stat_min_count=2, kl_coef=kl_coef)
+    straight = run(tmp_path / "a", tiny_model_dir, epochs=3, **kw)
+    interrupted = run(tmp_path / "b", tiny_model_dir, epochs=1, **kw)
+    s, ckpt = train.parse_settings(["--resume", str(interrupted), "--epochs", "3"])
     train.main(s, ckpt)
-    a = load_file(straight / "checkpoints" / "step_4" / "unet.safetensors")
-    b = load_file(interrupted / "checkpoints" / "step_4" / "unet.safetensors")
+    a = load_file(straight / "checkpoints" / "step_6" / "unet.safetensors")
+    b = load_file(interrupted / "checkpoints" / "step_6" / "unet.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [0, 1]
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+
+
+def test_one_run_one_folder(tmp_path, tiny_model_dir):
+    # A fresh run never writes into an existing run's folder; a run killed before its first checkpoint resumes from
+    # epoch 0 with its saved settings.
+    first = run(tmp_path, tiny_model_dir, name="r", epochs=1)
+    with pytest.raises(train.UsageError, match="already holds a run: continue it with --resume"):
+        run(tmp_path, tiny_model_dir, name="r", epochs=1)
+    killed = tmp_path / "killed"
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):  # killed while sampling
+        patch.setattr(train, "sample", interrupted)
+        run(tmp_path, tiny_model_dir, name="killed", epochs=1)
+    s, ckpt = train.parse_settings(["--resume", str(killed)])
+    assert ckpt is None and s.epochs == 1 and s.model == str(tiny_model_dir)
+    train.main(s, ckpt)
+    a = load_file(first / "checkpoints" / "step_2" / "unet.safetensors")
+    b = load_file(killed / "checkpoints" / "step_2" / "unet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same settings and seed: the same run as the first
+
+
+def test_at_lr_0_the_stored_steps_score_as_sampled(tmp_path, tiny_model_dir):
+    # Training recomputes each stored step's log-prob with the same guided eps (same guidance scale, same x_t -> x_prev)
+    # as sampling: with the weights frozen the ratio is 1, approx_kl ~0 and nothing is clipped, across inner epochs.
+    run_dir = run(tmp_path, tiny_model_dir, name="r", epochs=1, lr=0.0, num_inner_epochs=2, guidance_scale=7.0)
+    m = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert m["approx_kl"] < 1e-10 and m["clipfrac"] == 0 and m["kl_to_base"] == 0
+
+
+def test_one_update_averages_over_batches_and_timesteps(tmp_path, tiny_model_dir, monkeypatch):
+    # Give every (batch, timestep) the same gradient, 1 on each conv_out bias: the optimizer step's gradient must be
+    # exactly 1 whatever the number of trained timesteps or accumulated batches. Adam with eps >> |g| makes the first
+    # update lr * g / (|g| + eps): linear in g, so a loss divided by grad_accum but not by the timesteps shows up 2x.
+    def same_every_step(s, unet, base_unet, ddim, e, rows, step, gen):
+        zero = torch.zeros(())
+        return unet.conv_out.bias.sum(), zero, zero
+    monkeypatch.setattr(train, "ddpo_step_loss", same_every_step)
+    base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
+    for fraction, accum in [(1.0, 2), (0.5, 2), (1.0, 1)]:
+        kw = dict(num_steps=4, timestep_fraction=fraction, train_batch_size=2, grad_accum=accum, lr=1e3,
+                  adam_eps=1e3, weight_decay=0.0, max_grad_norm=1e9, epochs=1, name=f"{fraction}-{accum}")
+        run_dir = run(tmp_path, tiny_model_dir, **kw)
+        steps = json.loads((run_dir / "metrics.jsonl").read_text())["global_step"]
+        bias = load_file(run_dir / "checkpoints" / f"step_{steps}" / "unet.safetensors")["conv_out.bias"]
+        first = -1e3 * 1 / (1 + 1e3)  # Adam's first step with g = 1; later steps repeat it (m, v stay those of g = 1)
+        assert torch.allclose(bias - base, torch.full_like(base, first * steps), rtol=1e-4), (fraction, accum)
+
+
+def test_kl_to_base_is_zero_until_the_model_moves(tmp_path, tiny_model_dir):
+    run_dir = run(tmp_path, tiny_model_dir, name="r", epochs=2, kl_coef=0.1)
+    kls = [json.loads(l)["kl_to_base"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kls[0] == 0.0 and kls[1] > 0
 
 
 def test_nan_rewards_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkeypatch):
@@ -159,29 +296,98 @@ def cli(*args):
     return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--reward", "beauty"], "unknown reward 'beauty'; choose one of: jpeg, jpeg-incompressibility"),
-    (["--algo", "dpo"], "unknown algorithm 'dpo'; choose one of: ppo, reinforce"),
-    (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "is not divisible by --train-batch-size 2"),
+def command_line(argv, capsys, monkeypatch, script="train.py"):
+    """Run a script's __main__ as the shell would (minus starting Python): returns (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(script, run_name="__main__")
+    err = capsys.readouterr().err
+    return (exit.value.code if isinstance(exit.value.code, int) else 1), err + str(exit.value.code or "")
+
+
+BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before any model is loaded
+    (["--reward", "beauty"], "--reward beauty: choose one of jpeg, jpeg-incompressibility"),
+    (["--algo", "dpo"], "--algo dpo: choose one of ppo, reinforce, rwr, rwr-sparse"),
+    (["--preset", "huge"], "--preset huge: choose one of tiny, sd14"),
+    (["--precision", "fp8"], "--precision fp8: choose one of auto, fp32, bf16, fp16"),
+    (["--compile", "maybe"], "--compile maybe: choose one of auto, on, off"),
+    (["--lora", "ture"], "--lora: ture: say one of 1, true, yes, on or 0, false, no, off"),
+    (["--epochs", "abc"], "--epochs: abc: expected a whole number"),
+    (["--lr", "fast"], "--lr: fast: expected a number"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--num-steps", "0"], "--num-steps 0: must be at least 1"),
+    (["--num-steps", "1001"], "--num-steps 1001: must be at most 1000"),
+    (["--epochs", "-3"], "--epochs -3: must be at least 1"),
+    (["--eta", "0"], "--eta 0.0: must be in (0, 1]"),
+    (["--eta", "1.5"], "--eta 1.5: must be in (0, 1]"),
+    (["--lr", "-1"], "--lr -1.0: must be 0 or more"),
+    (["--guidance-scale", "-1"], "--guidance-scale -1.0: must be 0 or more"),
+    (["--clip-range", "-1"], "--clip-range -1.0: must be above 0"),
+    (["--clip-range", "0"], "--clip-range 0.0: must be above 0"),
+    (["--adv-clip-max", "0"], "--adv-clip-max 0.0: must be above 0"),
+    (["--num-inner-epochs", "0"], "--num-inner-epochs 0: must be at least 1"),
+    (["--lora", "on", "--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+    (["--timestep-fraction", "2"], "--timestep-fraction 2.0: must be in (0, 1]"),
+    (["--timestep-fraction", "0"], "--timestep-fraction 0.0: must be in (0, 1]"),
+    (["--kl-coef", "-1"], "--kl-coef -1.0: must be 0 or more"),
+    (["--rwr-top-fraction", "0"], "--rwr-top-fraction 0.0: must be in (0, 1]"),
+    (["--stat-min-count", "17"], "--stat-min-count 17: must be at most --stat-buffer 16"),
+    (["--adam-beta1", "1"], "--adam-beta1 1.0: must be in [0, 1)"),
+    (["--adam-eps", "0"], "--adam-eps 0.0: must be above 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be above 0"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["--threads", "-2"], "--threads -2: must be 0 or more"),
+    (["--save-every", "0"], "--save-every 0: must be at least 1"),
+    (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:7"], "--device cuda:7: no such GPU"),
+    (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "--train-batch-size 2: must divide"),
+    (["--grad-accum", "3"], "--grad-accum 3: must divide the 10 train batches per epoch"),
+    (["--images-per-prompt", "0"], "--images-per-prompt 0: must be at least 1"),
     (["--batch-size", "6", "--batches-per-epoch", "1", "--train-batch-size", "2", "--grad-accum", "1",
-      "--images-per-prompt", "4"],
-     "--images-per-prompt 4 must be at least 1 and divide the samples per epoch (6)"),
-    (["--images-per-prompt", "0"], "--images-per-prompt 0 must be at least 1"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
+      "--images-per-prompt", "4"], "--images-per-prompt 4: must divide the samples per epoch (6)"),
     (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
-])
-def test_bad_settings_fail_clearly(args, message):
-    out = cli(*args)
-    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no run there"),
+]
+if not torch.cuda.is_available():
+    BAD_SETTINGS += [(["--device", "cuda"], "--device cuda: no such GPU: this machine has 0 CUDA device(s)"),
+                     (["--precision", "bf16"], "--precision bf16: bf16/fp16 need a GPU")]
 
 
-def test_unwritable_output_and_empty_resume(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("args,message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_bad_settings_fail_in_one_line(args, message, capsys, monkeypatch):
+    status, err = command_line(args, capsys, monkeypatch)
+    assert status != 0 and message in err and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0 and err.startswith("train.py: error: ")
+
+
+def test_bad_settings_from_a_real_shell():
+    out = cli("--lora-rank", "0")  # the same path with a real process: exit status, one line, no traceback
+    assert out.returncode == 1 and out.stderr == "train.py: error: --lora-rank 0: must be at least 1\n"
+
+
+def test_flags_help_and_spellings(capsys):
+    s, _ = train.parse_settings(["--out_dir", "elsewhere", "--lora", "no", "--compile", "off"])
+    assert s.out_dir == "elsewhere" and s.lora is False
+    with pytest.raises(SystemExit):
+        train.parse_settings(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs int >= 1 (default: tiny 10, sd14 100)" in text  # the comment and each preset's actual default
+    assert "--out-dir str, --out_dir str" in text
+
+
+def test_sd14_follows_the_papers_task_settings():
+    s, _ = train.parse_settings(["--preset", "sd14", "--reward", "aesthetic"])
+    assert (s.prompts, s.stat_buffer, s.stat_min_count, train.derived(s, 1).steps_per_epoch) == ("simple_animals", 32, 16, 2)
+    s, _ = train.parse_settings(["--preset", "sd14", "--reward", "jpeg", "--prompts", "simple_animals"])
+    assert s.prompts == "simple_animals" and train.derived(s, 1).steps_per_epoch == 4  # flags win
+    s, _ = train.parse_settings(["--preset", "sd14", "--reward", "alignment"])
+    assert s.prompts == "animals_activities" and train.derived(s, 1).steps_per_epoch == 2
+
+
+def test_unwritable_output(tmp_path, tiny_model_dir, capsys, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
-    out = cli("--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "file"))
-    assert out.returncode != 0 and "cannot write to" in out.stderr and "Traceback" not in out.stderr
-    (tmp_path / "empty").mkdir()
-    out = cli("--resume", str(tmp_path / "empty"))
-    assert out.returncode != 0 and "no checkpoint" in out.stderr and "Traceback" not in out.stderr
+    status, err = command_line(["--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "file")], capsys, monkeypatch)
+    assert status != 0 and "cannot write to" in err and "Traceback" not in err
 
 
 # --- RWR baselines ------------------------------------------------------------------------------------------------
@@ -191,7 +397,12 @@ def test_rwr_weights():
     w = train.compute_advantages(settings(algo="rwr", rwr_beta=0.2), None, ["p"] * 20, rewards)
     finite = np.isfinite(rewards)
     assert w[~finite] == 0 and np.isclose(w[finite].mean(), 1.0) and w.argmax() == 4
-    assert np.isclose(w[4] / w[2], np.exp(1 / 0.2))  # softmax(r / beta): one more reward is e^5 more weight
+    # softmax(beta * r) * N, as the authors' code: one more unit of reward is e^0.2 more weight (not e^(1/0.2))
+    assert np.isclose(w[4] / w[2], np.exp(0.2))
+    expected = np.exp(0.2 * rewards[finite]) / np.exp(0.2 * rewards[finite]).sum() * 19
+    assert np.allclose(w[finite], expected)
+    equal = train.compute_advantages(settings(algo="rwr", rwr_beta=0.0), None, ["p"] * 20, rewards)
+    assert np.all(equal[finite] == 1.0)  # beta 0: every sample weighs the same, the reward is ignored
     top = train.compute_advantages(settings(algo="rwr-sparse", rwr_top_fraction=0.1), None, ["p"] * 20, rewards)
     assert sorted(np.flatnonzero(top)) == [2, 4] and set(top) == {0.0, 1.0}  # the best 10% of 19 finite rewards
 
