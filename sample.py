@@ -36,7 +36,9 @@ parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prom
 parser.add_argument("--steps", type=int, help="DDIM steps (eta = 1, as in training); default: the steps the "
                     "checkpoints were trained with, else 50")
 parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale w")
-parser.add_argument("--reward", choices=list(REWARDS), help="score every image with this reward")
+parser.add_argument("--reward", nargs="+", choices=list(REWARDS), help="score every image with these rewards; each "
+                    "row's mean is printed, and its paired difference from the base row, +- its standard error")
+parser.add_argument("--scores", help="also write every image's scores to this JSON file")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -82,12 +84,12 @@ def main(args):
     prompts_file = Path(args.model) / "prompts.json"
     model_prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else DEFAULT_PROMPTS
     prompts = args.prompts or model_prompts[:: max(1, len(model_prompts) // 4)][:4]  # 4 spread over the list
-    reward_fn = get_reward(args.reward) if args.reward else None
+    reward_fns = {name: get_reward(name) for name in args.reward or []}
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None
     # every column is one (prompt, seed) pair, rendered identically in every row
     column_prompts = [p for p in prompts for _ in seeds]
     column_seeds = [s for _ in prompts for s in seeds]
-    base_unet, rows, rewards = sd.unet, [], []
+    base_unet, rows, scores = sd.unet, [], {}
     for ckpt in ckpts:
         sd.unet = copy.deepcopy(base_unet)
         if ckpt != "base":
@@ -98,14 +100,23 @@ def main(args):
         images = to_uint8(sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
                                  autocast=autocast).images)
         rows.append(list(images))
-        if reward_fn:
-            rewards.append(reward_fn(images, column_prompts))
-            print(f"{ckpt}: mean {args.reward} reward {np.mean(rewards[-1]):.4f} over {len(images)} images")
+        for name, reward_fn in reward_fns.items():
+            r = scores.setdefault(name, {})[ckpt] = reward_fn(images, column_prompts).astype(np.float64)
+            paired = ""
+            if "base" in scores[name] and ckpt != "base":  # the same prompts and seeds: differences cancel the noise
+                diff = r - scores[name]["base"]
+                paired = f", {diff.mean():+.4f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.4f} paired against base"
+            print(f"{ckpt}: mean {name} reward {r.mean():.4f} over {len(images)} images{paired}")
     labels = [f"#{s} {p}" if len(seeds) > 1 else p for p, s in zip(column_prompts, column_seeds)]  # seed first: long prompts get cut
     row_labels = [c if c == "base" else f"{Path(c).parent.parent.name}/{Path(c).name}" for c in ckpts]  # run/step_N
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    grid(rows, row_labels, labels, rewards if reward_fn else None).save(args.out)
+    first = next(iter(scores.values()), None)  # the grid shows the first reward under each image
+    grid(rows, row_labels, labels, list(first.values()) if first else None).save(args.out)
     print(f"wrote {args.out}")
+    if args.scores:
+        Path(args.scores).write_text(json.dumps(dict(prompts=column_prompts, seeds=column_seeds, steps=args.steps, scores={
+            name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()})))
+        print(f"wrote {args.scores}")
 
 
 if __name__ == "__main__":
