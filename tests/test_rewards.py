@@ -1,4 +1,4 @@
-"""Rewards: jpeg sizes, the aesthetic scorer, LLaVA + BERTScore alignment, prompt sets and the async wrapper.
+"""Rewards: jpeg sizes, the aesthetic scorer, LLaVA + BERTScore alignment and the async wrapper.
 
 The learned rewards run on tiny random CLIP, LLaVA and DeBERTa models built here and saved with save_pretrained, so the
 real loading path is exercised without downloads. Run: pytest tests/test_rewards.py
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from nanoddpo.prompts import PROMPTS, animals_activities, simple_animals
 from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
 
 def random_images(n, h=64, w=64, seed=0):
@@ -37,18 +36,6 @@ def test_unknown_reward_lists_choices():
         get_reward("nope")
     for name in ["jpeg", "jpeg-incompressibility", "aesthetic", "alignment"]:
         assert name in REWARDS and name in str(err.value)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# prompts
-
-def test_prompt_sets():
-    animals, activities = simple_animals(), animals_activities()
-    assert len(animals) == len(set(animals)) == 45 and len(activities) == len(set(activities)) == 135
-    assert "a cat" in animals and "an ant" in animals and "a ant" not in animals
-    assert "an ant riding a bike" in activities and "a hedgehog playing chess" in activities
-    assert all(p.split()[0] in ("a", "an") for p in animals + activities)
-    assert PROMPTS["simple_animals"]() == animals and PROMPTS["animals_activities"]() == activities
 
 
 # ---------------------------------------------------------------------------------------------------------------------
