@@ -9,7 +9,7 @@ Learned rewards for DDPO: the LAION aesthetic score and VLM prompt alignment (LL
 
 Every model loads from a local folder under weights/ (weights/README.md says how to fetch each); nothing is
 downloaded at run time. Use them through nanoddpo.rewards.get_reward("aesthetic" | "alignment"); check_reward there
-looks for the files in WEIGHT_FILES before anything loads.
+looks for their files (WEIGHT_FILES) before anything loads.
 
 Devices: every model and every tensor of a reward lives on one device with an explicit index, by default this process's
 own GPU (cuda:LOCAL_RANK under torchrun) or the CPU; never a bare "cuda", which on AsyncReward's scoring thread means
@@ -27,27 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-CLIP_DIR = WEIGHTS / "clip-vit-large-patch14"
-AESTHETIC_MLP = WEIGHTS / "aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth"
-LLAVA_DIR = WEIGHTS / "llava-1.5-7b-hf"
-DEBERTA_DIR = WEIGHTS / "deberta-xlarge-mnli"
-
-# The one command that fetches each reward model into its folder (also listed in weights/README.md).
-DOWNLOADS = {
-    "clip-vit-large-patch14": "hf download openai/clip-vit-large-patch14 config.json model.safetensors "
-                              "--local-dir weights/clip-vit-large-patch14",
-    "aesthetic-predictor": "wget -P weights/aesthetic-predictor https://github.com/christophschuhmann/"
-                           "improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
-    "llava-1.5-7b-hf": "hf download llava-hf/llava-1.5-7b-hf --exclude '*.bin' --local-dir weights/llava-1.5-7b-hf",
-    "deberta-xlarge-mnli": "hf download microsoft/deberta-xlarge-mnli --exclude '*.h5' --exclude '*.msgpack' "
-                           "--local-dir weights/deberta-xlarge-mnli",
-}
-# reward -> the files it reads by default, each with its key in DOWNLOADS (checked by nanoddpo.rewards.check_reward)
-WEIGHT_FILES = {
-    "aesthetic": [(CLIP_DIR, "clip-vit-large-patch14"), (AESTHETIC_MLP, "aesthetic-predictor")],
-    "alignment": [(LLAVA_DIR, "llava-1.5-7b-hf"), (DEBERTA_DIR, "deberta-xlarge-mnli")],
-}
+# Where each model is looked for, and the command that fetches it: in nanoddpo/rewards.py, so that check_reward can look
+# for the files before anything heavy is imported.
+from nanoddpo.rewards import AESTHETIC_MLP, CLIP_DIR, DEBERTA_DIR, DOWNLOADS, LLAVA_DIR
 
 
 def require(path, name):

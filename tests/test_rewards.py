@@ -385,9 +385,69 @@ def test_alignment_missing_weights_error(tmp_path, tiny_llava, tiny_deberta):
 
 
 def test_registry_factories_name_missing_folders():
-    from nanoddpo.learned_rewards import WEIGHTS
+    from nanoddpo.rewards import WEIGHTS
     for name, folder in [("aesthetic", "clip-vit-large-patch14"), ("alignment", "llava-1.5-7b-hf")]:
         if (WEIGHTS / folder).exists():
             continue  # downloaded here: the factory would load the real model
         with pytest.raises(FileNotFoundError, match=folder):
             get_reward(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# check_reward: a wrong reward setting fails before any model loads
+
+def test_check_reward_unknown_name_lists_choices():
+    from nanoddpo.rewards import check_reward
+    with pytest.raises(ValueError) as err:
+        check_reward("aesthetics", ["cat"])
+    assert "unknown reward 'aesthetics'" in str(err.value)
+    assert all(name in str(err.value) for name in REWARDS)
+    check_reward("jpeg", ["cat", "tench, Tinca tinca"])  # the jpeg rewards score any prompt
+    check_reward("jpeg-incompressibility", ["cat"])
+    check_reward("my_rewards.py:score", ["cat"])  # a custom reward is checked when it loads
+
+
+def test_check_reward_tinyworld_needs_its_own_prompts():
+    from nanoddpo import world
+    from nanoddpo.prompts import simple_animals
+    from nanoddpo.rewards import check_reward
+    check_reward("tinyworld", world.PROMPTS)
+    with pytest.raises(ValueError) as err:
+        check_reward("tinyworld", world.PROMPTS[:5] + simple_animals())
+    message = str(err.value)
+    assert "45 of 50 prompts are not" in message and "'cat', 'dog', 'horse'" in message and "'rabbit'" not in message
+    assert "'a red circle on a plain background'" in message  # what a prompt of the tiny world looks like
+    with pytest.raises(ValueError, match="1 of 1 prompts"):
+        check_reward("tinyworld", ["a pink circle on a plain background"])  # no pink in the world
+
+
+def test_check_reward_names_missing_weights(tmp_path, monkeypatch):
+    import inspect
+
+    from nanoddpo import rewards
+    from nanoddpo.learned_rewards import AestheticReward, AlignmentReward
+    # the files checked are the ones the rewards load by default
+    defaults = {**inspect.signature(AestheticReward).parameters, **inspect.signature(AlignmentReward).parameters}
+    assert [path for path, _ in rewards.WEIGHT_FILES["aesthetic"] + rewards.WEIGHT_FILES["alignment"]] == [
+        defaults[name].default for name in ("clip_dir", "mlp_path", "llava_dir", "bert_dir")]
+
+    clip, mlp = tmp_path / "clip-vit-large-patch14", tmp_path / "aesthetic-predictor" / "predictor.pth"
+    clip.mkdir()
+    monkeypatch.setitem(rewards.WEIGHT_FILES, "aesthetic",
+                        [(clip, "clip-vit-large-patch14"), (mlp, "aesthetic-predictor")])
+    with pytest.raises(ValueError) as err:
+        rewards.check_reward("aesthetic", ["cat"])
+    message = str(err.value)
+    assert f"reward aesthetic needs {mlp}, not downloaded" in message
+    assert rewards.DOWNLOADS["aesthetic-predictor"] in message
+    assert "openai/clip-vit-large-patch14" not in message  # the folder that is there is not asked for
+    mlp.parent.mkdir()
+    mlp.write_bytes(b"")
+    rewards.check_reward("aesthetic", ["cat"])
+
+    llava, bert = tmp_path / "llava-1.5-7b-hf", tmp_path / "deberta-xlarge-mnli"
+    monkeypatch.setitem(rewards.WEIGHT_FILES, "alignment", [(llava, "llava-1.5-7b-hf"), (bert, "deberta-xlarge-mnli")])
+    with pytest.raises(ValueError) as err:
+        rewards.check_reward("alignment", ["a cat riding a bike"])
+    assert f"needs {llava}, {bert}" in str(err.value)
+    assert all(rewards.DOWNLOADS[key] in str(err.value) for key in ("llava-1.5-7b-hf", "deberta-xlarge-mnli"))
