@@ -21,9 +21,8 @@ from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_che
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.model import LoadError, StableDiffusion, resolve_model
-from nanoddpo.rewards import REWARDS, get_reward
-
-DEFAULT_PROMPTS = ["a cat", "a dog", "a horse", "a monkey"]  # DDPO's "simple animals", used when the model has no prompts.json
+from nanoddpo.prompts import load_prompts, spread
+from nanoddpo.rewards import REWARDS, check_reward, get_reward
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
@@ -75,13 +74,17 @@ def main(args):
         args.steps = trained_steps(ckpts)
         print(f"DDIM steps: {args.steps}, as the checkpoints were trained (else 50); --steps to change")
 
+    try:  # prompts and reward are checked before the model loads
+        prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
+        if args.reward:
+            check_reward(args.reward, prompts)
+    except ValueError as e:
+        fail(e)
+
     try:
         sd = StableDiffusion.from_pretrained(args.model, device=args.device)
     except LoadError as e:
         fail(e)
-    prompts_file = Path(args.model) / "prompts.json"
-    model_prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else DEFAULT_PROMPTS
-    prompts = args.prompts or model_prompts[:: max(1, len(model_prompts) // 4)][:4]  # 4 spread over the list
     reward_fn = get_reward(args.reward) if args.reward else None
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None
     # every column is one (prompt, seed) pair, rendered identically in every row

@@ -165,3 +165,42 @@ def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
     png = Image.open(workdir / "lora.png")
     assert png.size == (LEFT + CELL, LINE + 2 * CELL)
     assert not np.array_equal(cell(png, 0, 0, False), cell(png, 1, 0, False))
+
+
+def test_default_prompts_spread_over_the_shared_loader(tiny_model_dir, tmp_path, monkeypatch):
+    """Without --prompts, sample.py takes 4 prompts spread over what load_prompts("", model) gives: the model's
+    prompts.json, else simple_animals (bare words, "cat" not "a cat")."""
+    assert not (tiny_model_dir / "prompts.json").exists()
+    monkeypatch.chdir(tmp_path)
+    script = load_sample_script()
+    drawn = []
+    real_sample = script.sample
+
+    def recording_sample(sd, prompts, *args, **kwargs):
+        drawn.append(list(prompts))
+        return real_sample(sd, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(script, "sample", recording_sample)
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "1", "--ckpt", "base",
+                                          "--out", "animals.png"]))
+    assert drawn == [["cat", "goat", "fish", "duck"]]  # simple_animals[0], [11], [22], [33]
+
+
+def test_prompts_and_reward_are_checked_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    script = load_sample_script()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(script.StableDiffusion, "from_pretrained", no_loading)
+    # the tiny world's checker cannot score animals
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--reward", "tinyworld"]))
+    assert "reward tinyworld" in str(exit_info.value.code) and "4 of 4 prompts are not" in str(exit_info.value.code)
+    # a model whose prompts.json is not a list of strings
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "prompts.json").write_text(json.dumps({"prompts": ["a cat"]}))
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.parser.parse_args(["--model", str(model)]))
+    assert f"{model / 'prompts.json'} must hold a JSON list of strings, found a dict" in str(exit_info.value.code)
