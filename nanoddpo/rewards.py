@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 # The learned rewards' weights (nanoddpo/learned_rewards.py reads them; weights/README.md says more).
@@ -131,7 +132,12 @@ class AsyncReward:
 
     def __init__(self, reward):
         self.reward = reward
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        # A new thread's current CUDA device is 0 whatever the caller set (train.py sets cuda:LOCAL_RANK), so the worker
+        # starts by taking the caller's: a reward that puts a tensor on a bare "cuda" then lands on this process's GPU.
+        # (The built-in rewards name their device's index anyway; see learned_rewards.resolve_device.)
+        same_gpu = (torch.cuda.set_device, (torch.cuda.current_device(),)) if torch.cuda.is_available() else (None, ())
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward", initializer=same_gpu[0],
+                                       initargs=same_gpu[1])
 
     def submit(self, images, prompts):
         return self.pool.submit(self.reward, np.array(images, copy=True), list(prompts))

@@ -76,6 +76,20 @@ def test_async_reward_raises_in_caller():
     scorer.close()
 
 
+def test_async_reward_thread_uses_the_callers_gpu(monkeypatch):
+    """The scoring thread must start on the caller's CUDA device (cuda:LOCAL_RANK under torchrun), not on cuda:0,
+    where a new thread starts. CUDA is mocked: the test records which device the worker thread selects."""
+    import threading
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: selected.append((threading.current_thread().name, d)))
+    scorer = AsyncReward(lambda images, prompts: np.zeros(len(images), dtype=np.float32))
+    scorer.submit(random_images(1), ["a"]).result(timeout=10)
+    scorer.close()
+    assert len(selected) == 1 and selected[0][0].startswith("reward") and selected[0][1] == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # aesthetic
 
