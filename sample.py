@@ -11,40 +11,35 @@ The base model is --model, else weights/stable-diffusion-v1-4 when present, else
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nanoddpo.cli import Parser, check_device, need, number, run
 from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
-from nanoddpo.model import LoadError, StableDiffusion, resolve_model
-from nanoddpo.rewards import REWARDS, get_reward
+from nanoddpo.model import StableDiffusion, resolve_model
+from nanoddpo.prompts import load_prompts, spread
+from nanoddpo.rewards import REWARDS, check_reward, get_reward
 
-DEFAULT_PROMPTS = ["a cat", "a dog", "a horse", "a monkey"]  # DDPO's "simple animals", used when the model has no prompts.json
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
                     "the base model. Default: base and the latest checkpoint of the newest run under runs/")
 parser.add_argument("--model", help="base model folder (published SD layout)")
 parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the model's prompts.json, else 4 animals")
-parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
-parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prompt's images instead (one image each); "
+parser.add_argument("--per-prompt", type=number(int), default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
+parser.add_argument("--seeds", nargs="+", type=number(int), help="the seeds of each prompt's images instead (one image each); "
                     "the same seeds in every row")
-parser.add_argument("--steps", type=int, help="DDIM steps (eta = 1, as in training); default: the steps the "
+parser.add_argument("--steps", type=number(int), help="DDIM steps (eta = 1, as in training); default: the steps the "
                     "checkpoints were trained with, else 50")
-parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale w")
-parser.add_argument("--reward", nargs="+", choices=list(REWARDS), help="score every image with these rewards; each "
+parser.add_argument("--guidance", type=number(float), default=5.0, help="classifier-free guidance scale w")
+parser.add_argument("--reward", nargs="+", help=f"one or more of {', '.join(REWARDS)}: score every image with these rewards; each "
                     "row's mean is printed, and its paired difference from the base row, +- its standard error")
 parser.add_argument("--scores", help="also write every image's scores to this JSON file")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def fail(message):
-    sys.exit(f"sample.py: error: {message}")
+parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
 
 
 def trained_steps(ckpts):
@@ -55,35 +50,28 @@ def trained_steps(ckpts):
 
 
 def main(args):
-    if args.steps is not None and args.steps < 1:
-        fail(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance < 0:
-        fail(f"--guidance must be >= 0 (1 is no guidance), got {args.guidance}")
-    if args.per_prompt < 1:
-        fail(f"--per-prompt must be at least 1, got {args.per_prompt}")
-    try:
-        args.model = str(resolve_model(args.model))
-    except LoadError as e:
-        fail(e)
+    need(args.steps is None or args.steps >= 1, "steps", args.steps, "must be at least 1")
+    need(args.guidance >= 0, "guidance", args.guidance, "must be 0 or more (1 is no guidance)")
+    need(args.per_prompt >= 1, "per_prompt", args.per_prompt, "must be at least 1")
+    need(all(seed >= 0 for seed in args.seeds or []), "seeds", args.seeds, "must be 0 or more")
+    check_device(args.device)
+    args.model = str(resolve_model(args.model))
     print(f"base model: {args.model}")
     ckpts = args.ckpt or ["base"] + [str(c) for c in [latest_run_checkpoint()] if c is not None]
     for i, ckpt in enumerate(ckpts):
-        if ckpt != "base" and not Path(ckpt).is_dir():
-            fail(f"checkpoint {ckpt} does not exist")
+        need(ckpt == "base" or Path(ckpt).is_dir(), "ckpt", ckpt, "no such checkpoint or run folder")
         if ckpt != "base" and checkpoints_of(Path(ckpt)):  # a run folder stands for its latest checkpoint
             ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
     seeds = args.seeds or list(range(args.per_prompt))
     if args.steps is None:
         args.steps = trained_steps(ckpts)
         print(f"DDIM steps: {args.steps}, as the checkpoints were trained (else 50); --steps to change")
+    prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
+    for name in args.reward or []:  # before the model loads
+        check_reward(name, prompts)
 
-    try:
-        sd = StableDiffusion.from_pretrained(args.model, device=args.device)
-    except LoadError as e:
-        fail(e)
-    prompts_file = Path(args.model) / "prompts.json"
-    model_prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else DEFAULT_PROMPTS
-    prompts = args.prompts or model_prompts[:: max(1, len(model_prompts) // 4)][:4]  # 4 spread over the list
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    sd = StableDiffusion.from_pretrained(args.model, device=device)
     reward_fns = {name: get_reward(name) for name in args.reward or []}
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None
     # every column is one (prompt, seed) pair, rendered identically in every row
@@ -93,10 +81,7 @@ def main(args):
     for ckpt in ckpts:
         sd.unet = copy.deepcopy(base_unet)
         if ckpt != "base":
-            try:
-                apply_checkpoint(sd, ckpt)  # refuses a checkpoint of another base model
-            except (LoadError, ValueError) as e:
-                fail(e)
+            apply_checkpoint(sd, ckpt)  # refuses a checkpoint of another base model
         images = to_uint8(sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
                                  autocast=autocast).images)
         rows.append(list(images))
@@ -120,4 +105,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    run("sample.py", lambda: main(parser.parse_args()))

@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -50,8 +49,8 @@ from nanoddpo.ddim import DDIM, guided_eps, sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.lora import add_lora, lora_off, lora_parameters
 from nanoddpo.model import StableDiffusion, resolve_model
-from nanoddpo.prompts import PROMPTS, draw_prompts
-from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
+from nanoddpo.prompts import PromptError, draw_prompts, load_prompts
+from nanoddpo.rewards import REWARDS, AsyncReward, check_reward, get_reward
 from nanoddpo.world import checker_for
 
 
@@ -182,11 +181,7 @@ def check_settings(s, world=1):
     need(0 <= s.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
     need(0 <= s.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
     need(s.seed < 2**40, "seed", "must be below 2**40")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device), "device", "choose auto, cpu, cuda or cuda:N")
-    if s.device.startswith("cuda"):
-        n = torch.cuda.device_count()
-        index = int(s.device.split(":")[1]) if ":" in s.device else 0
-        need(index < n, "device", f"no such GPU: this machine has {n} CUDA device(s)" + (" (use --device cpu)" * (n == 0)))
+    cli.check_device(s.device)
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
     d = derived(s, world)
@@ -210,17 +205,6 @@ def derived(s, world):
                               train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
                               timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
                               steps_per_epoch=max(1, train_batches // grad_accum) * inner)
-
-
-def load_prompts(s, model_dir):
-    if s.prompts in PROMPTS:
-        return PROMPTS[s.prompts]()
-    path = Path(s.prompts) if s.prompts else model_dir / "prompts.json"
-    if path.is_file():
-        return json.loads(path.read_text()) if path.suffix == ".json" else path.read_text().split("\n")
-    if s.prompts:
-        raise UsageError(f"--prompts {s.prompts!r} is neither a file nor a prompt set ({', '.join(PROMPTS)})")
-    return PROMPTS["simple_animals"]()
 
 
 # -----------------------------------------------------------------------------
@@ -352,12 +336,16 @@ def main(s, resume_ckpt=None):
     d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir = resolve_model(s.model)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
-    prompts = load_prompts(s, model_dir)
+    try:  # the prompts and the reward's files are checked before any model loads
+        prompts, why = load_prompts(s.prompts, model_dir)
+        check_reward(s.reward, prompts)
+    except UsageError as e:
+        raise UsageError(f"--{'prompts' if isinstance(e, PromptError) else 'reward'}: {e}") from None
     s.name = s.name or ranks.agree(f"{s.reward}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(s.resume) if s.resume else Path(s.out_dir) / s.name
     start_run(run_dir, s, ranks.rank)
     ranks.log(f"run: {run_dir}  device: {device} x {ranks.world}  precision: {precision}  compile: {use_compile}  "
-              f"algo: {s.algo}  reward: {s.reward}  prompts: {len(prompts)}")
+              f"algo: {s.algo}  reward: {s.reward}  prompts: {len(prompts)} from {why}")
     ranks.log(f"samples/epoch: {d.samples_per_epoch}  optimizer steps/epoch: {d.steps_per_epoch}  timesteps trained/"
               f"sample: {d.timesteps} of {s.num_steps}  samples/optimizer step: {s.train_batch_size * d.grad_accum * ranks.world}")
 

@@ -28,6 +28,15 @@ def need(ok, flag, value, accepted):
         raise UsageError(f"--{flag.replace('_', '-')} {value}: {accepted}")
 
 
+def check_device(device, flag="device"):
+    """auto, cpu, cuda or cuda:N, and the GPU must exist."""
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device), flag, device, "choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+        n, index = torch.cuda.device_count(), int(device.split(":")[1]) if ":" in device else 0
+        need(index < n, flag, device, f"no such GPU: this machine has {n} CUDA device(s)" + " (use cpu)" * (n == 0))
+
+
 def yes_no(text):
     if text.lower() not in YES + NO:
         raise argparse.ArgumentTypeError(f"{text}: say one of {', '.join(YES)} or {', '.join(NO)}")

@@ -8,10 +8,16 @@ Learned rewards for DDPO: the LAION aesthetic score and VLM prompt alignment (LL
   bert-score package's settings for microsoft/deberta-xlarge-mnli (hidden states after layer 40, no idf, no rescaling).
 
 Every model loads from a local folder under weights/ (weights/README.md says how to fetch each); nothing is
-downloaded at run time. Use them through nanoddpo.rewards.get_reward("aesthetic" | "alignment").
+downloaded at run time. Use them through nanoddpo.rewards.get_reward("aesthetic" | "alignment"); check_reward there
+looks for their files (WEIGHT_FILES) before anything loads.
+
+Devices: every model and every tensor of a reward lives on one device with an explicit index, by default this process's
+own GPU (cuda:LOCAL_RANK under torchrun) or the CPU; never a bare "cuda", which on AsyncReward's scoring thread means
+cuda:0 (see resolve_device).
 Tests: pytest tests/test_rewards.py
 """
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-
-# The one command that fetches each reward model into its folder (also listed in weights/README.md).
-DOWNLOADS = {
-    "clip-vit-large-patch14": "hf download openai/clip-vit-large-patch14 config.json model.safetensors "
-                              "--local-dir weights/clip-vit-large-patch14",
-    "aesthetic-predictor": "wget -P weights/aesthetic-predictor https://github.com/christophschuhmann/"
-                           "improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
-    "llava-1.5-7b-hf": "hf download llava-hf/llava-1.5-7b-hf --exclude '*.bin' --local-dir weights/llava-1.5-7b-hf",
-    "deberta-xlarge-mnli": "hf download microsoft/deberta-xlarge-mnli --exclude '*.h5' --exclude '*.msgpack' "
-                           "--local-dir weights/deberta-xlarge-mnli",
-}
+# Where each model is looked for, and the command that fetches it: in nanoddpo/rewards.py, so that check_reward can look
+# for the files before anything heavy is imported.
+from nanoddpo.rewards import AESTHETIC_MLP, CLIP_DIR, DEBERTA_DIR, DOWNLOADS, LLAVA_DIR
 
 
 def require(path, name):
@@ -44,9 +41,24 @@ def require(path, name):
     return path
 
 
+def resolve_device(device=None):
+    """The device of a reward's models and of every tensor it makes: `device` if given, else this process's own,
+    cuda:LOCAL_RANK (torchrun sets LOCAL_RANK; 0 without it) when there is a GPU, else cpu.
+
+    A bare "cuda" is pinned to cuda:LOCAL_RANK too. Rewards run on AsyncReward's background thread, and a thread's
+    current CUDA device starts at 0 whatever the main thread chose: there "cuda" would mean cuda:0 while rank r's model
+    sits on cuda:r, and every rank but 0 would fail on mixed devices."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def default_device_dtype(device, dtype):
-    """bf16 on CUDA, fp32 on CPU, unless the caller says otherwise."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """resolve_device(device), and bf16 on CUDA, fp32 elsewhere, unless the caller says otherwise."""
+    device = resolve_device(device)
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
@@ -59,24 +71,28 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_preprocess(images, size=CLIP_SIZE):
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, size, size), on the images' device, as CLIPImageProcessor does it.
+def clip_preprocess(images, size=CLIP_SIZE, device="cpu"):
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, size, size) on `device`, as CLIPImageProcessor makes it.
 
-    CLIPImageProcessor resizes the shortest edge to 224 with PIL's bicubic filter, centre-crops 224 x 224, scales to
-    [0, 1] and normalises. PIL resizes the width first and then the height, rounding to uint8 after each pass;
-    torch's antialiased bicubic uses PIL's kernel (a = -0.5), so the same two passes with the same rounding agree with
-    it to within one grey level on a handful of pixels, even on noise (one pass in float differs by up to 20 levels).
+    CLIPImageProcessor resizes the shortest edge to 224 with PIL's bicubic filter (the long edge to
+    int(224 * long / short)), centre-crops 224 x 224, scales to [0, 1] and normalises. The resize here is PIL's own, on
+    the CPU, so it agrees exactly whatever the image size and Pillow version: PIL resizes in two one-dimensional passes,
+    rounding to uint8 after each, and the installed Pillow (13) chooses their order by the image's shape, which a torch
+    resize on the GPU would have to guess (the wrong order differs by up to 23 grey levels on noise, one float pass by
+    20). It costs a few milliseconds of CPU per 512 x 512 image, on the reward's own thread.
     """
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = (size, int(w * scale)) if h <= w else (int(h * scale), size)
-    x = F.interpolate(x, size=(h, new_w), mode="bicubic", antialias=True).round().clamp(0, 255)
-    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True).round().clamp(0, 255)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[:, :, top:top + size, left:left + size]  # (B, 3, size, size)
-    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    crops = []
+    for img in np.asarray(images):
+        h, w = img.shape[:2]
+        # The long edge as transformers computes it: int(size * long / short). (Scaling by size / short first can land
+        # just below a whole number: 277 * (224 / 277) = 223.99999..., which int() takes to 223.)
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        img = np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC))
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        crops.append(img[top:top + size, left:left + size])
+    x = torch.as_tensor(np.stack(crops), device=device).permute(0, 3, 1, 2).float()  # (B, 3, size, size)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     return (x / 255 - mean) / std
 
 
@@ -114,25 +130,37 @@ class AestheticMLP(nn.Module):
 
 class AestheticReward:
     """reward(images, prompts) -> LAION aesthetic score per image (prompts are ignored). Counterpart of ddpo-pytorch's
-    aesthetic_score / AestheticScorer."""
+    aesthetic_score / AestheticScorer.
 
-    def __init__(self, clip_dir=WEIGHTS / "clip-vit-large-patch14",
-                 mlp_path=WEIGHTS / "aesthetic-predictor" / "sac+logos+ava1-l14-linearMSE.pth",
-                 device=None, dtype=None):
+    Precision: CLIP's vision tower (303 M parameters, nearly all the compute) runs in `dtype`, bf16 on CUDA by default
+    for speed and memory; everything from its pooled output on (the visual projection, the L2 normalisation and the
+    MLP head) runs in fp32 on every device, as the authors score. In bf16 the head's output, about 5 to 6, could only
+    move in steps of 2**-5 = 0.031 (8 significant bits), a grid as coarse as the differences between samples of one
+    prompt that the advantages compare; the tower's bf16 rounding only perturbs the embedding a little, continuously.
+    """
+
+    def __init__(self, clip_dir=CLIP_DIR, mlp_path=AESTHETIC_MLP, device=None, dtype=None):
         self.device, self.dtype = default_device_dtype(device, dtype)
         clip_dir, mlp_path = require(clip_dir, "clip-vit-large-patch14"), require(mlp_path, "aesthetic-predictor")
         clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
         # Only the image tower and its projection are used; the text tower (123 M parameters) is dropped here.
         self.vision = clip.vision_model.to(self.device, self.dtype).eval()
-        self.projection = clip.visual_projection.to(self.device, self.dtype).eval()
-        self.mlp = AestheticMLP.load(mlp_path).to(self.device, self.dtype)
+        self.projection = clip.visual_projection.to(self.device, torch.float32).eval()
+        self.mlp = AestheticMLP.load(mlp_path).to(self.device, torch.float32)
+
+    def head(self, pooled):
+        """The tower's pooled output (B, 1024) -> scores (B,), in fp32 whatever the tower's dtype."""
+        embed = self.projection(pooled.float())  # (B, 768), CLIP's image_embeds
+        return self.mlp(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)
 
     @torch.no_grad()
+    def score(self, images):
+        """uint8 (B, H, W, 3) -> fp32 scores (B,) on self.device."""
+        pixels = clip_preprocess(images, device=self.device).to(self.dtype)
+        return self.head(self.vision(pixel_values=pixels).pooler_output)
+
     def __call__(self, images, prompts=None):
-        pixels = clip_preprocess(torch.as_tensor(images, device=self.device)).to(self.dtype)
-        embed = self.projection(self.vision(pixel_values=pixels).pooler_output)  # (B, 768), CLIP's image_embeds
-        embed = embed / embed.norm(dim=-1, keepdim=True)
-        return self.mlp(embed).squeeze(1).float().cpu().numpy()
+        return self.score(images).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,6 +200,11 @@ class BERTScore:
 
     def recall(self, candidates, references):
         """BERTScore recall of each candidate against its reference -> float32 numpy (B,)."""
+        return self.recall_tensor(candidates, references).cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def recall_tensor(self, candidates, references):
+        """The same as a (B,) tensor on self.device."""
         cand, cand_mask, _ = self.embed(candidates)
         ref, _, ref_weight = self.embed(references)
         sim = ref @ cand.transpose(1, 2)  # (B, ref tokens, candidate tokens) cosine similarities
@@ -179,7 +212,7 @@ class BERTScore:
         best = sim.max(dim=2).values  # (B, ref tokens): each reference token's closest candidate token
         recall = (best * ref_weight).sum(1) / ref_weight.sum(1)
         empty = cand_mask.sum(1) <= 2  # only [CLS] [SEP]
-        return recall.masked_fill(empty, 0.0).cpu().numpy().astype(np.float32)
+        return recall.masked_fill(empty, 0.0)
 
 
 class AlignmentReward:
@@ -187,7 +220,7 @@ class AlignmentReward:
     Counterpart of ddpo-pytorch's llava_bertscore, which calls a separate LLaVA server; here both models are in-process.
     """
 
-    def __init__(self, llava_dir=WEIGHTS / "llava-1.5-7b-hf", bert_dir=WEIGHTS / "deberta-xlarge-mnli", bert_layer=40,
+    def __init__(self, llava_dir=LLAVA_DIR, bert_dir=DEBERTA_DIR, bert_layer=40,
                  device=None, dtype=None, max_new_tokens=64):
         self.device, self.dtype = default_device_dtype(device, dtype)
         self.max_new_tokens = max_new_tokens

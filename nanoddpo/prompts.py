@@ -1,11 +1,21 @@
 """
-Prompt sets of the DDPO paper's aesthetic and prompt-alignment tasks: `simple_animals()` (45 prompts, "a cat", "an ant")
-and `animals_activities()` (135 prompts, "a cat riding a bike"). train.py picks one by name from `PROMPTS`, and
-draws each epoch's prompts from whichever list it uses with `draw_prompts`.
+The DDPO paper's prompt sets, and the one loader of a run's prompts that train.py and sample.py share.
 
-The paper's third set, the first 398 ImageNet classes (the animals) used for the compressibility tasks, is not here.
+    simple_animals()      45 prompts, the bare words "cat", "dog", ... (aesthetic task), as in both reference codes
+    animals_activities()  135 prompts, "a cat riding a bike", "an ant playing chess" (prompt-alignment task)
+    imagenet_animals()    398 prompts, the first 398 ImageNet classes, each whole line of data/imagenet_animals.txt
+                          ("tench, Tinca tinca", synonyms and Latin name included) (JPEG compressibility tasks)
+
+`load_prompts(spec, model_dir)` turns a --prompts setting (a set name in `PROMPTS`, a .txt or .json file, or "" for
+the model's own prompts.json, else simple_animals) into the list and says where it came from; `draw_prompts` draws
+each epoch's prompts from that list.
 """
+import json
+from pathlib import Path
+
 import torch
+
+from nanoddpo.cli import UsageError
 
 ANIMALS = [
     "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
@@ -14,6 +24,7 @@ ANIMALS = [
     "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ]
 ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
+IMAGENET_ANIMALS = Path(__file__).resolve().parent / "data" / "imagenet_animals.txt"  # ImageNet-1k classes 0-397
 
 
 def with_article(noun):
@@ -22,14 +33,70 @@ def with_article(noun):
 
 
 def simple_animals():
-    return [with_article(animal) for animal in ANIMALS]
+    return list(ANIMALS)  # bare words: the reference codes prompt "cat", not "a cat"
 
 
 def animals_activities():
     return [f"{with_article(animal)} {activity}" for animal in ANIMALS for activity in ACTIVITIES]
 
 
-PROMPTS = {"simple_animals": simple_animals, "animals_activities": animals_activities}
+def imagenet_animals():
+    return IMAGENET_ANIMALS.read_text(encoding="utf-8").splitlines()
+
+
+PROMPTS = {"simple_animals": simple_animals, "animals_activities": animals_activities,
+           "imagenet_animals": imagenet_animals}
+
+
+class PromptError(UsageError):
+    """A --prompts setting that names no usable list of prompts; the message says what is wrong and where."""
+
+
+def read_prompts_file(path):
+    """A .json file holds a list of strings, used as they are; any other file holds one prompt per line, with
+    surrounding spaces stripped and blank lines (a trailing newline included) dropped."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".json":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"prompt file {path} is not valid JSON ({e})") from None
+        if not isinstance(prompts, list):
+            raise PromptError(f"prompt file {path} must hold a JSON list of strings, found a {type(prompts).__name__}")
+        wrong = [(i, p) for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+        if wrong:
+            i, p = wrong[0]
+            raise PromptError(f"prompt file {path} must hold a JSON list of non-empty strings; {len(wrong)} entries "
+                              f"are not, the first at index {i}: {json.dumps(p)}")
+    if not prompts:
+        raise PromptError(f"prompt file {path} holds no prompt")
+    return prompts
+
+
+def load_prompts(spec, model_dir):
+    """-> (prompts, why): the list of prompts that `spec` names, and a few words on where it came from, for the log.
+
+    spec is a set name in PROMPTS (checked first), a prompt file (see read_prompts_file), or "": the model's own
+    prompts (model_dir/prompts.json, as weights/tiny ships its 80 captions) when it has them, else simple_animals.
+    Raises PromptError (a ValueError) with one line naming the file or the sets."""
+    if spec in PROMPTS:
+        return PROMPTS[spec](), f"the set {spec}"
+    if spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise PromptError(f"prompts {spec!r} is neither a file nor a prompt set ({', '.join(PROMPTS)})")
+        return read_prompts_file(path), f"the file {path}"
+    path = Path(model_dir) / "prompts.json"
+    if path.is_file():
+        return read_prompts_file(path), f"{path}, the model's own prompts (no prompt set chosen)"
+    return simple_animals(), f"the set simple_animals (no prompt set chosen and {model_dir} has no prompts.json)"
+
+
+def spread(prompts, n=4):
+    """n prompts evenly spaced over the list (all of them when it is shorter), e.g. for a sample grid."""
+    return prompts[:: max(1, len(prompts) // n)][:n]
 
 
 def draw_prompts(prompts, n, images_per_prompt, gen):

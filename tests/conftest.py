@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Stable Diffusion models in the published layout, built in seconds on CPU."""
 import json
 import os
+import runpy
+import sys
 
 # One thread per process: the tests' models are tiny, and on a 2-core machine two OpenMP threads contending with any
 # other process (a subprocess under test, a second rank) run 10-100x slower. Subprocesses inherit the variable.
@@ -55,3 +57,19 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_sd")
     make_tiny_sd(root).save_pretrained(root / "model")
     return root / "model"
+
+
+@pytest.fixture
+def command_line(capsys, monkeypatch):
+    """Run a script's __main__ as the shell would, minus starting Python: command_line("train.py", [flags]) returns
+    (exit status, stderr). A script that ends without sys.exit returns status 0."""
+    def run(script, argv):
+        monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        err = capsys.readouterr().err
+        return (code if isinstance(code, int) else 1), err + (code if isinstance(code, str) else "")
+    return run

@@ -1,4 +1,4 @@
-"""Rewards: jpeg sizes, the aesthetic scorer, LLaVA + BERTScore alignment, prompt sets and the async wrapper.
+"""Rewards: jpeg sizes, the aesthetic scorer, LLaVA + BERTScore alignment and the async wrapper.
 
 The learned rewards run on tiny random CLIP, LLaVA and DeBERTa models built here and saved with save_pretrained, so the
 real loading path is exercised without downloads. Run: pytest tests/test_rewards.py
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from nanoddpo.prompts import PROMPTS, animals_activities, simple_animals
 from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
 
 def random_images(n, h=64, w=64, seed=0):
@@ -54,18 +53,6 @@ def test_unknown_reward_lists_choices():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# prompts
-
-def test_prompt_sets():
-    animals, activities = simple_animals(), animals_activities()
-    assert len(animals) == len(set(animals)) == 45 and len(activities) == len(set(activities)) == 135
-    assert "a cat" in animals and "an ant" in animals and "a ant" not in animals
-    assert "an ant riding a bike" in activities and "a hedgehog playing chess" in activities
-    assert all(p.split()[0] in ("a", "an") for p in animals + activities)
-    assert PROMPTS["simple_animals"]() == animals and PROMPTS["animals_activities"]() == activities
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # AsyncReward
 
 def test_async_reward_keeps_batches_paired():
@@ -101,6 +88,20 @@ def test_async_reward_raises_in_caller():
     with pytest.raises(RuntimeError, match="reward failed"):
         scorer.submit(random_images(1), ["a"]).result(timeout=10)
     scorer.close()
+
+
+def test_async_reward_thread_uses_the_callers_gpu(monkeypatch):
+    """The scoring thread must start on the caller's CUDA device (cuda:LOCAL_RANK under torchrun), not on cuda:0,
+    where a new thread starts. CUDA is mocked: the test records which device the worker thread selects."""
+    import threading
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: selected.append((threading.current_thread().name, d)))
+    scorer = AsyncReward(lambda images, prompts: np.zeros(len(images), dtype=np.float32))
+    scorer.submit(random_images(1), ["a"]).result(timeout=10)
+    scorer.close()
+    assert len(selected) == 1 and selected[0][0].startswith("reward") and selected[0][1] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,20 +148,20 @@ def test_aesthetic_mlp_has_published_names(tiny_aesthetic):
         AestheticMLP.load(tiny_aesthetic / "bad.pth")
 
 
-def test_clip_preprocess_matches_clip_image_processor():
+@pytest.mark.parametrize("h, w", [(512, 512), (300, 400), (250, 200), (200, 200), (277, 277), (300, 500),
+                                  (600, 256), (513, 389), (389, 513), (225, 601)])
+def test_clip_preprocess_matches_clip_image_processor(h, w):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from nanoddpo.learned_rewards import CLIP_STD, clip_preprocess
+    from nanoddpo.learned_rewards import clip_preprocess
     processor = CLIPImageProcessorPil()  # defaults are openai/clip-vit-large-patch14's preprocessor_config.json
-    one_level = 1 / 255 / min(CLIP_STD)
-    for h, w in [(512, 512), (300, 400), (250, 200)]:
-        images = random_images(2, h, w)  # noise: the hardest case for resampling
-        want = processor(images=list(images), return_tensors="pt")["pixel_values"]
-        got = clip_preprocess(images)
-        assert got.shape == want.shape == (2, 3, 224, 224)
-        diff = (got - want).abs()
-        assert diff.max() <= one_level + 1e-5  # at most one grey level apart ...
-        assert (diff > 1e-5).float().mean() < 2e-3  # ... and only on a handful of pixels
+    # 277 x 277 is the case that once came out (3, 224, 1): 277 * (224 / 277) = 223.99999... was truncated to 223;
+    # tall ones (600 x 256) are those the installed Pillow resizes height first
+    images = random_images(2, h, w)  # noise: the hardest case for resampling
+    want = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    got = clip_preprocess(images)
+    assert got.shape == want.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # the same pixels: not even one grey level (0.015) apart
 
 
 def test_aesthetic_reward_matches_transformers_pipeline(tiny_aesthetic):
@@ -183,6 +184,101 @@ def test_aesthetic_reward_matches_transformers_pipeline(tiny_aesthetic):
     singles = np.concatenate([reward(images[i:i + 1], ["a cat"]) for i in range(3)])
     np.testing.assert_allclose(singles, scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(reward(images, ["a cat"] * 3), scores)
+
+
+def test_aesthetic_head_stays_fp32_under_a_bf16_tower(tiny_aesthetic):
+    """On CUDA the tower runs in bf16; the projection and the MLP must not, or a score near 5.5 moves in steps of
+    2**-5 = 0.031. Here on CPU with dtype=bf16, which is what CUDA gets by default."""
+    from nanoddpo.learned_rewards import AestheticReward
+    fp32 = AestheticReward(tiny_aesthetic / "clip", tiny_aesthetic / "mlp.pth", device="cpu", dtype=torch.float32)
+    bf16 = AestheticReward(tiny_aesthetic / "clip", tiny_aesthetic / "mlp.pth", device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.projection.parameters()} | {p.dtype for p in bf16.mlp.parameters()} == {torch.float32}
+    # 100 pooled tower outputs through the head: fp32 maths, checked against float64, and a continuum of values
+    pooled = torch.randn(100, bf16.vision.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # scores of 5.5 +- a few tenths, as the real predictor gives
+        fp32.mlp.layers[7].weight *= 0.2
+        fp32.mlp.layers[7].bias += 5.5 - fp32.head(pooled).mean()
+        bf16.mlp.load_state_dict(fp32.mlp.state_dict())
+        got = bf16.head(pooled.to(torch.bfloat16))
+        embed = bf16.projection.double()(pooled.to(torch.bfloat16).double())
+        want = bf16.mlp.double()(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)
+        bf16.projection.float(), bf16.mlp.float()
+    assert got.dtype == torch.float32 and 5 < got.mean() < 6 and 0.1 < got.std() < 1
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)  # bf16 maths would be 0.03 off
+    assert len(set(got.tolist())) > 90
+    # on images: the bf16-tower score is the fp32 head applied to the bf16 tower's output, so it differs from the
+    # all-fp32 score only by the tower's rounding
+    images = random_images(8, 96, 128)
+    scores = bf16(images)
+    assert scores.dtype == np.float32 and len(set(scores.tolist())) == 8
+    from nanoddpo.learned_rewards import clip_preprocess
+    with torch.no_grad():
+        tower = bf16.vision(pixel_values=clip_preprocess(images).to(torch.bfloat16)).pooler_output
+        np.testing.assert_allclose(scores, fp32.head(tower).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores, fp32(images), atol=0.05 * float(np.ptp(fp32(images))))
+
+
+def test_reward_device_is_this_process_gpu(monkeypatch):
+    """Rewards score on AsyncReward's thread, whose current CUDA device is 0: a bare "cuda" there is cuda:0 whatever
+    the rank. The default must be cuda:LOCAL_RANK, and a bare "cuda" must be pinned to it too."""
+    from nanoddpo.learned_rewards import default_device_dtype, resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device() == torch.device("cuda", 1) and resolve_device().index == 1
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device(torch.device("cuda", 2)) == torch.device("cuda", 2)  # an explicit index is kept
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert default_device_dtype(None, None) == (torch.device("cuda", 1), torch.bfloat16)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device() == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device() == torch.device("cuda", 0)  # not torchrun: the first GPU, still with its index
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device_dtype(None, None) == (torch.device("cpu"), torch.float32)
+
+
+def test_reward_models_go_to_the_resolved_device(monkeypatch, tiny_aesthetic, tiny_llava, tiny_deberta):
+    """Under torchrun rank 3 with CUDA (mocked: Module.to only records where it was sent), every model of both
+    learned rewards is sent to cuda:3, never to a bare "cuda"."""
+    from nanoddpo.learned_rewards import AestheticReward, AlignmentReward
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    sent = []
+
+    def record(module, *args, **kwargs):
+        sent.extend(a for a in [*args, kwargs.get("device")] if isinstance(a, (str, torch.device)))
+        return module
+
+    monkeypatch.setattr(torch.nn.Module, "to", record)
+    aesthetic = AestheticReward(tiny_aesthetic / "clip", tiny_aesthetic / "mlp.pth")
+    alignment = AlignmentReward(tiny_llava, tiny_deberta, bert_layer=2)
+    assert aesthetic.device == alignment.device == alignment.bertscore.device == torch.device("cuda", 3)
+    assert len(sent) >= 5 and all(torch.device(d) == torch.device("cuda", 3) for d in sent), sent
+
+
+def test_reward_tensors_follow_the_model_device(tiny_aesthetic, tiny_llava, tiny_deberta, monkeypatch):
+    """Every tensor a reward makes must go to the reward's own device. On the meta device any tensor left on the
+    default device (the CPU here, cuda:0 on a GPU) meets a meta weight and raises, so running the whole path there
+    checks it without a GPU."""
+    from nanoddpo.learned_rewards import AestheticReward, AlignmentReward
+    meta = torch.device("meta")
+    aesthetic = AestheticReward(tiny_aesthetic / "clip", tiny_aesthetic / "mlp.pth", device=meta, dtype=torch.bfloat16)
+    scores = aesthetic.score(random_images(3, 100, 90))
+    assert scores.device == meta and scores.shape == (3,) and scores.dtype == torch.float32
+
+    alignment = AlignmentReward(tiny_llava, tiny_deberta, bert_layer=2, device=meta, dtype=torch.float32)
+    recall = alignment.bertscore.recall_tensor(CANDIDATES, REFERENCES)
+    assert recall.device == meta and recall.shape == (5,)
+    seen = {}
+
+    def generate(**inputs):  # LLaVA's generate cannot run on meta; check what it is given instead
+        seen.update({k: v.device for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        return torch.full((len(inputs["input_ids"]), inputs["input_ids"].shape[1] + 2), 18)  # "cat cat"
+
+    monkeypatch.setattr(alignment.llava, "generate", generate)
+    assert alignment.describe(random_images(2)) == ["cat cat"] * 2
+    assert {"input_ids", "attention_mask", "pixel_values"} <= set(seen) and set(seen.values()) == {meta}
 
 
 def test_aesthetic_missing_weights_error(tmp_path, tiny_aesthetic):
@@ -317,9 +413,69 @@ def test_alignment_missing_weights_error(tmp_path, tiny_llava, tiny_deberta):
 
 
 def test_registry_factories_name_missing_folders():
-    from nanoddpo.learned_rewards import WEIGHTS
+    from nanoddpo.rewards import WEIGHTS
     for name, folder in [("aesthetic", "clip-vit-large-patch14"), ("alignment", "llava-1.5-7b-hf")]:
         if (WEIGHTS / folder).exists():
             continue  # downloaded here: the factory would load the real model
         with pytest.raises(FileNotFoundError, match=folder):
             get_reward(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# check_reward: a wrong reward setting fails before any model loads
+
+def test_check_reward_unknown_name_lists_choices():
+    from nanoddpo.rewards import check_reward
+    with pytest.raises(ValueError) as err:
+        check_reward("aesthetics", ["cat"])
+    assert "unknown reward 'aesthetics'" in str(err.value)
+    assert all(name in str(err.value) for name in REWARDS)
+    check_reward("jpeg", ["cat", "tench, Tinca tinca"])  # the jpeg rewards score any prompt
+    check_reward("jpeg-incompressibility", ["cat"])
+    check_reward("my_rewards.py:score", ["cat"])  # a custom reward is checked when it loads
+
+
+def test_check_reward_tinyworld_needs_its_own_prompts():
+    from nanoddpo import world
+    from nanoddpo.prompts import simple_animals
+    from nanoddpo.rewards import check_reward
+    check_reward("tinyworld", world.PROMPTS)
+    with pytest.raises(ValueError) as err:
+        check_reward("tinyworld", world.PROMPTS[:5] + simple_animals())
+    message = str(err.value)
+    assert "45 of 50 prompts are not" in message and "'cat', 'dog', 'horse'" in message and "'rabbit'" not in message
+    assert "'a red circle on a plain background'" in message  # what a prompt of the tiny world looks like
+    with pytest.raises(ValueError, match="1 of 1 prompts"):
+        check_reward("tinyworld", ["a pink circle on a plain background"])  # no pink in the world
+
+
+def test_check_reward_names_missing_weights(tmp_path, monkeypatch):
+    import inspect
+
+    from nanoddpo import rewards
+    from nanoddpo.learned_rewards import AestheticReward, AlignmentReward
+    # the files checked are the ones the rewards load by default
+    defaults = {**inspect.signature(AestheticReward).parameters, **inspect.signature(AlignmentReward).parameters}
+    assert [path for path, _ in rewards.WEIGHT_FILES["aesthetic"] + rewards.WEIGHT_FILES["alignment"]] == [
+        defaults[name].default for name in ("clip_dir", "mlp_path", "llava_dir", "bert_dir")]
+
+    clip, mlp = tmp_path / "clip-vit-large-patch14", tmp_path / "aesthetic-predictor" / "predictor.pth"
+    clip.mkdir()
+    monkeypatch.setitem(rewards.WEIGHT_FILES, "aesthetic",
+                        [(clip, "clip-vit-large-patch14"), (mlp, "aesthetic-predictor")])
+    with pytest.raises(ValueError) as err:
+        rewards.check_reward("aesthetic", ["cat"])
+    message = str(err.value)
+    assert f"reward aesthetic needs {mlp}, not downloaded" in message
+    assert rewards.DOWNLOADS["aesthetic-predictor"] in message
+    assert "openai/clip-vit-large-patch14" not in message  # the folder that is there is not asked for
+    mlp.parent.mkdir()
+    mlp.write_bytes(b"")
+    rewards.check_reward("aesthetic", ["cat"])
+
+    llava, bert = tmp_path / "llava-1.5-7b-hf", tmp_path / "deberta-xlarge-mnli"
+    monkeypatch.setitem(rewards.WEIGHT_FILES, "alignment", [(llava, "llava-1.5-7b-hf"), (bert, "deberta-xlarge-mnli")])
+    with pytest.raises(ValueError) as err:
+        rewards.check_reward("alignment", ["a cat riding a bike"])
+    assert f"needs {llava}, {bert}" in str(err.value)
+    assert all(rewards.DOWNLOADS[key] in str(err.value) for key in ("llava-1.5-7b-hf", "deberta-xlarge-mnli"))

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nanoddpo.cli import UsageError
 from nanoddpo.model import StableDiffusion, save_safetensors
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample.py"
@@ -108,13 +109,6 @@ def test_steps_default_to_the_checkpoints_training_steps(tmp_path):
     assert script.trained_steps(["base"]) == 50 and script.trained_steps([a, c]) == 50  # nothing or no agreement
 
 
-def test_missing_checkpoint_is_one_clear_error(workdir, tiny_model_dir):
-    out = run_sample("--model", tiny_model_dir, "--ckpt", "runs/nope", cwd=workdir)
-    assert out.returncode != 0
-    assert "checkpoint runs/nope does not exist" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     sd = StableDiffusion.from_pretrained(tiny_model_dir)
     state = sd.unet.state_dict()
@@ -127,19 +121,27 @@ def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--guidance", "-1"], "--guidance must be >= 0"),
-    (["--per-prompt", "0"], "--per-prompt must be at least 1"),
+BAD_FLAGS = [  # each refused in one line before any model loads
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--steps", "many"], "--steps: many: expected a whole number"),
+    (["--guidance", "-1"], "--guidance -1.0: must be 0 or more"),
+    (["--per-prompt", "0"], "--per-prompt 0: must be at least 1"),
+    (["--seeds", "3", "-1"], "--seeds [3, -1]: must be 0 or more"),
+    (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:9"], "--device cuda:9: no such GPU"),
     (["--model", "no/such/model"], "no/such/model does not exist"),
-])
-def test_bad_settings_exit_with_one_clear_line(workdir, tiny_model_dir, args, message):
-    """sample.py reports these through sys.exit(message): a non-zero exit that prints the line, never a traceback.
-    In-process, where that is a SystemExit carrying the message (each subprocess would cost seconds of imports)."""
-    script = load_sample_script()
-    with pytest.raises(SystemExit) as exit_info:
-        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), *args]))
-    assert message in str(exit_info.value.code)
+    (["--ckpt", "runs/nope"], "--ckpt runs/nope: no such checkpoint or run folder"),
+    (["--reward", "beauty"], "unknown reward 'beauty'; choose one of: jpeg"),
+    (["--reward", "tinyworld", "--prompts", "a cat"], "1 of 1 prompts are not, e.g. 'a cat'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_exit_with_one_clear_line(workdir, tiny_model_dir, args, message, command_line, monkeypatch):
+    monkeypatch.chdir(workdir)
+    status, err = command_line(str(SAMPLE), ["--model", tiny_model_dir, *args])
+    assert status == 1 and message in err and "Traceback" not in err, err
+    assert err.startswith("sample.py: error: ") and err.strip().count("\n") == 0
 
 
 def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
@@ -165,3 +167,42 @@ def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
     png = Image.open(workdir / "lora.png")
     assert png.size == (LEFT + CELL, LINE + 2 * CELL)
     assert not np.array_equal(cell(png, 0, 0, False), cell(png, 1, 0, False))
+
+
+def test_default_prompts_spread_over_the_shared_loader(tiny_model_dir, tmp_path, monkeypatch):
+    """Without --prompts, sample.py takes 4 prompts spread over what load_prompts("", model) gives: the model's
+    prompts.json, else simple_animals (bare words, "cat" not "a cat")."""
+    assert not (tiny_model_dir / "prompts.json").exists()
+    monkeypatch.chdir(tmp_path)
+    script = load_sample_script()
+    drawn = []
+    real_sample = script.sample
+
+    def recording_sample(sd, prompts, *args, **kwargs):
+        drawn.append(list(prompts))
+        return real_sample(sd, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(script, "sample", recording_sample)
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "1", "--ckpt", "base",
+                                          "--out", "animals.png"]))
+    assert drawn == [["cat", "goat", "fish", "duck"]]  # simple_animals[0], [11], [22], [33]
+
+
+def test_prompts_and_reward_are_checked_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    script = load_sample_script()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(script.StableDiffusion, "from_pretrained", no_loading)
+    # the tiny world's checker cannot score animals
+    with pytest.raises(UsageError) as exit_info:
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--reward", "tinyworld"]))
+    assert "reward tinyworld" in str(exit_info.value) and "4 of 4 prompts are not" in str(exit_info.value)
+    # a model whose prompts.json is not a list of strings
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "prompts.json").write_text(json.dumps({"prompts": ["a cat"]}))
+    with pytest.raises(UsageError) as exit_info:
+        script.main(script.parser.parse_args(["--model", str(model)]))
+    assert f"{model / 'prompts.json'} must hold a JSON list of strings, found a dict" in str(exit_info.value)

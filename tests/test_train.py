@@ -1,6 +1,5 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
 import json
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -296,15 +295,6 @@ def cli(*args):
     return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=120)
 
 
-def command_line(argv, capsys, monkeypatch, script="train.py"):
-    """Run a script's __main__ as the shell would (minus starting Python): returns (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_path(script, run_name="__main__")
-    err = capsys.readouterr().err
-    return (exit.value.code if isinstance(exit.value.code, int) else 1), err + str(exit.value.code or "")
-
-
 BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before any model is loaded
     (["--reward", "beauty"], "--reward beauty: choose one of jpeg, jpeg-incompressibility"),
     (["--algo", "dpo"], "--algo dpo: choose one of ppo, reinforce, rwr, rwr-sparse"),
@@ -354,10 +344,28 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("args,message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
-def test_bad_settings_fail_in_one_line(args, message, capsys, monkeypatch):
-    status, err = command_line(args, capsys, monkeypatch)
+def test_bad_settings_fail_in_one_line(args, message, command_line):
+    status, err = command_line("train.py", args)
     assert status != 0 and message in err and "Traceback" not in err, err
     assert err.strip().count("\n") == 0 and err.startswith("train.py: error: ")
+
+
+def test_bad_prompts_fail_before_the_model_loads(tmp_path, command_line, monkeypatch):
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    files = {"dict.json": '{"a": "red cat"}', "numbers.json": "[1, 2]", "empty.txt": "\n  \n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [
+        (["--prompts", tmp_path / "dict.json"], "must hold a JSON list of strings, found a dict"),
+        (["--prompts", tmp_path / "numbers.json"], "must hold a JSON list of non-empty strings; 2 entries are not"),
+        (["--prompts", tmp_path / "empty.txt"], "holds no prompt"),
+        (["--prompts", "no_such_set"], "is neither a file nor a prompt set (simple_animals"),
+        (["--reward", "tinyworld", "--prompts", "simple_animals"], "45 of 45 prompts are not, e.g. 'cat'"),
+    ]
+    for args, message in cases:
+        status, err = command_line("train.py", args)
+        flag = args[0] if args[0] != "--reward" else "--reward"
+        assert status == 1 and message in err and err.startswith(f"train.py: error: {flag}: "), err
 
 
 def test_bad_settings_from_a_real_shell():
@@ -384,9 +392,9 @@ def test_sd14_follows_the_papers_task_settings():
     assert s.prompts == "animals_activities" and train.derived(s, 1).steps_per_epoch == 2
 
 
-def test_unwritable_output(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def test_unwritable_output(tmp_path, tiny_model_dir, command_line):
     (tmp_path / "file").write_text("not a folder")
-    status, err = command_line(["--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "file")], capsys, monkeypatch)
+    status, err = command_line("train.py", ["--model", tiny_model_dir, "--out-dir", tmp_path / "file"])
     assert status != 0 and "cannot write to" in err and "Traceback" not in err
 
 
