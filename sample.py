@@ -28,7 +28,8 @@ DEFAULT_PROMPTS = ["a cat", "a dog", "a horse", "a monkey"]  # DDPO's "simple an
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
                     "the base model. Default: base and the latest checkpoint of the newest run under runs/")
-parser.add_argument("--model", help="base model folder (published SD layout)")
+parser.add_argument("--model", help="base model: a folder in the published SD layout, or a single-file SD 1.x "
+                    ".safetensors checkpoint")
 parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the model's prompts.json, else 4 animals")
 parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prompt's images instead (one image each); "
@@ -36,7 +37,8 @@ parser.add_argument("--seeds", nargs="+", type=int, help="the seeds of each prom
 parser.add_argument("--steps", type=int, help="DDIM steps (eta = 1, as in training); default: the steps the "
                     "checkpoints were trained with, else 50")
 parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale w")
-parser.add_argument("--reward", choices=list(REWARDS), help="score every image with this reward")
+parser.add_argument("--reward", help=f"score every image with this reward: one of {', '.join(REWARDS)}, or your own "
+                    "function as path/to/file.py:function")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -60,6 +62,10 @@ def main(args):
     if args.per_prompt < 1:
         fail(f"--per-prompt must be at least 1, got {args.per_prompt}")
     try:
+        reward_fn = get_reward(args.reward) if args.reward else None
+    except (ValueError, FileNotFoundError) as e:  # an unknown name, a broken custom reward, a missing reward model
+        fail(e)
+    try:
         args.model = str(resolve_model(args.model))
     except LoadError as e:
         fail(e)
@@ -82,7 +88,6 @@ def main(args):
     prompts_file = Path(args.model) / "prompts.json"
     model_prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else DEFAULT_PROMPTS
     prompts = args.prompts or model_prompts[:: max(1, len(model_prompts) // 4)][:4]  # 4 spread over the list
-    reward_fn = get_reward(args.reward) if args.reward else None
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None
     # every column is one (prompt, seed) pair, rendered identically in every row
     column_prompts = [p for p in prompts for _ in seeds]
