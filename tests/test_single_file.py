@@ -61,6 +61,27 @@ def test_mapping_names_what_sd_v1_files_hold():
     assert ema_key("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
 
 
+def test_mapping_matches_diffusers_conversion_at_sd_v1_size():
+    """Every tensor name of a full-size SD v1 file, through diffusers' own converters, lands on the same parameter as
+    through ours. Each tensor is one number, its index, so this costs no memory; the VAE's attention is 4-d as stored."""
+    pytest.importorskip("diffusers")
+    import json
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from nanoddpo.model import VAE, UNet, build
+    from nanoddpo.single_file import SD_V1, original_names
+
+    cfgs = [json.loads((SD_V1 / f"{name}_config.json").read_text()) for name in ("unet", "vae")]
+    unet, vae = build(UNet, dict(cfgs[0]), "unet"), build(VAE, dict(cfgs[1]), "vae")
+    for names, convert, cfg in zip(original_names(unet, vae), (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint), cfgs):
+        ours = list(names)
+        checkpoint = {names[k]: torch.full((1, 1, 1, 1) if ".attn_1." in names[k] else (1,), float(i))
+                      for i, k in enumerate(ours)}
+        converted = convert(checkpoint, cfg)
+        assert converted.keys() == set(ours)
+        assert all(converted[k].flatten().item() == i for i, k in enumerate(ours))
+    assert len(names) == 248  # the VAE's tensors in SD v1-4 (tests/reference/sd-v1-4/vae_keys.tsv)
+
+
 def test_single_file_matches_diffusers_from_single_file(sd, tiny_model_dir, tiny_file, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from nanoddpo.export import write_diffusers_folder
