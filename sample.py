@@ -27,7 +27,8 @@ from nanoddpo.rewards import REWARDS, check_reward, get_reward
 parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
                     "the base model. Default: base and the latest checkpoint of the newest run under runs/")
-parser.add_argument("--model", help="base model folder (published SD layout)")
+parser.add_argument("--model", help="base model: a folder in the published SD layout, or a single-file SD 1.x "
+                    ".safetensors checkpoint")
 parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the model's prompts.json, else 4 animals")
 parser.add_argument("--per-prompt", type=number(int), default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=number(int), help="the seeds of each prompt's images instead (one image each); "
@@ -35,8 +36,9 @@ parser.add_argument("--seeds", nargs="+", type=number(int), help="the seeds of e
 parser.add_argument("--steps", type=number(int), help="DDIM steps (eta = 1, as in training); default: the steps the "
                     "checkpoints were trained with, else 50")
 parser.add_argument("--guidance", type=number(float), default=5.0, help="classifier-free guidance scale w")
-parser.add_argument("--reward", nargs="+", help=f"one or more of {', '.join(REWARDS)}: score every image with these rewards; each "
-                    "row's mean is printed, and its paired difference from the base row, +- its standard error")
+parser.add_argument("--reward", nargs="+", help=f"score every image with each of these rewards ({', '.join(REWARDS)}, "
+                    "or your own path/to/file.py:function); each row's mean is printed, and its paired difference "
+                    "from the base row +- its standard error")
 parser.add_argument("--scores", help="also write every image's scores to this JSON file")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
 parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")

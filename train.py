@@ -50,7 +50,8 @@ from nanoddpo.images import grid, to_uint8
 from nanoddpo.lora import add_lora, lora_off, lora_parameters
 from nanoddpo.model import StableDiffusion, resolve_model
 from nanoddpo.prompts import PromptError, draw_prompts, load_prompts
-from nanoddpo.rewards import REWARDS, AsyncReward, check_reward, get_reward
+from nanoddpo.rewards import (REWARDS, AsyncReward, check_reward, get_reward, is_custom_reward, reward_label,
+                              write_answers)
 from nanoddpo.world import checker_for
 
 
@@ -58,7 +59,7 @@ from nanoddpo.world import checker_for
 class Settings:
     preset: str = "tiny"          # tiny (bundled model, CPU) | sd14 (SD v1-4 + LoRA, one GPU); other flags override it
     model: str = ""               # model folder; "" = weights/stable-diffusion-v1-4 if downloaded, else weights/tiny
-    reward: str = "jpeg"          # a name in nanoddpo/rewards.py REWARDS
+    reward: str = "jpeg"          # jpeg | jpeg-incompressibility | aesthetic | alignment | tinyworld | path/to/file.py:fn
     algo: str = "ppo"             # ppo (DDPO_IS, clipped importance sampling) | reinforce (DDPO_SF) | rwr | rwr-sparse
     prompts: str = ""             # a set in nanoddpo/prompts.py or a .txt/.json file; "" = the model's prompts.json
     epochs: int = 100             # >= 1
@@ -163,7 +164,8 @@ def check_settings(s, world=1):
         cli.need(ok, field, getattr(s, field), accepted)
     for field, choices in CHOICES.items():
         need(getattr(s, field) in choices, field, f"choose one of {', '.join(choices)}")
-    need(s.reward in REWARDS, "reward", f"choose one of {', '.join(REWARDS)}")
+    need(s.reward in REWARDS or is_custom_reward(s.reward), "reward",
+         f"choose one of {', '.join(REWARDS)}, or your own path/to/file.py:function")
     for field in ("epochs", "batch_size", "batches_per_epoch", "images_per_prompt", "train_batch_size", "grad_accum",
                   "num_inner_epochs", "stat_buffer", "stat_min_count", "lora_rank", "save_every", "keep_checkpoints",
                   "grid_every", "num_steps"):
@@ -341,7 +343,7 @@ def main(s, resume_ckpt=None):
         check_reward(s.reward, prompts)
     except UsageError as e:
         raise UsageError(f"--{'prompts' if isinstance(e, PromptError) else 'reward'}: {e}") from None
-    s.name = s.name or ranks.agree(f"{s.reward}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(s.resume) if s.resume else Path(s.out_dir) / s.name
     start_run(run_dir, s, ranks.rank)
     ranks.log(f"run: {run_dir}  device: {device} x {ranks.world}  precision: {precision}  compile: {use_compile}  "
@@ -369,7 +371,8 @@ def main(s, resume_ckpt=None):
         state = resume(resume_ckpt, sd, optimizer)
         start_epoch, global_step, tracker.buffers = state["epoch"], state["global_step"], state["stat_buffers"]
         ranks.log(f"resumed from {resume_ckpt}: epoch {start_epoch}, optimizer step {global_step}")
-    scorer = AsyncReward(get_reward(s.reward))  # rewards run on a background thread while the next batch samples
+    reward_fn = get_reward(s.reward)
+    scorer = AsyncReward(reward_fn)  # rewards run on a background thread while the next batch samples
     checker = checker_for(prompts) and AsyncReward(checker_for(prompts))  # the tiny world's faithfulness, logged
     step_loss = rwr_step_loss if s.algo.startswith("rwr") else ddpo_step_loss
     ddim = DDIM(s.num_steps).to(device)
@@ -465,6 +468,7 @@ def main(s, resume_ckpt=None):
                 m["mfu"] = mfu(sd, s, d.local_samples, d.timesteps, t_sample + t_train)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
+            write_answers(reward_fn, run_dir / "answers.jsonl", epoch)  # what LLaVA said, for the alignment reward
             ranks.log(f"epoch {epoch}: reward {m['reward_mean']:.4f} +- {m['reward_std']:.4f}  loss {loss:.4g}  "
                       f"kl {approx_kl:.2e}  clipfrac {clipfrac:.3f}  kl_to_base {kl or 0:.2e}  sample {t_sample:.1f}s  "
                       f"train {t_train:.1f}s")

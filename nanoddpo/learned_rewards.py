@@ -18,6 +18,8 @@ Tests: pytest tests/test_rewards.py
 """
 import io
 import os
+import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +235,7 @@ class AlignmentReward:
             llava_dir, local_files_only=True, dtype=self.dtype).to(self.device).eval()
         # Scores differ between images by a few hundredths, so the small encoder (2.6 GB) stays in fp32.
         self.bertscore = BERTScore(bert_dir, bert_layer, self.device, torch.float32)
+        self.answers, self.answers_lock = deque(maxlen=4096), threading.Lock()
 
     @torch.no_grad()
     def describe(self, images):
@@ -252,4 +255,16 @@ class AlignmentReward:
         return [a.strip() for a in answers]
 
     def __call__(self, images, prompts):
-        return self.bertscore.recall(self.describe(images), [f"The image contains {p}" for p in prompts])
+        answers = self.describe(images)
+        scores = self.bertscore.recall(answers, [f"The image contains {p}" for p in prompts])
+        with self.answers_lock:  # called on AsyncReward's thread, read on the training loop's
+            self.answers.extend(zip(prompts, answers, scores.tolist()))
+        return scores
+
+    def take_answers(self):
+        """The (prompt, answer, score) of every image scored since the last call (the newest 4096 at most), so that
+        train.py can log a few of what LLaVA saw each epoch (nanoddpo.rewards.write_answers)."""
+        with self.answers_lock:
+            answers = list(self.answers)
+            self.answers.clear()
+        return answers

@@ -463,10 +463,11 @@ def read_safetensors_header(path, renames=()):
     return entries
 
 
-def load_weights(module, path, dtype, device, renames=()):
+def load_weights(module, path, dtype, device, renames=(), entries=None, source="its config.json"):
     """Fill every parameter of `module` (built on the meta device) from the safetensors file at `path`, strictly.
-    Each tensor is read straight from disk into its final buffer, so the load never holds two copies of the model."""
-    entries = read_safetensors_header(path, renames)
+    Each tensor is read straight from disk into its final buffer, so the load never holds two copies of the model.
+    `entries` (key -> dtype, shape, offsets) picks this module's part of a file holding more (a single-file checkpoint)."""
+    entries = dict(entries) if entries is not None else read_safetensors_header(path, renames)
     for key in DROPPED:
         entries.pop(key, None)
     expected = dict(module.state_dict(keep_vars=True))
@@ -481,8 +482,8 @@ def load_weights(module, path, dtype, device, renames=()):
                 (wrong, "shapes that do not match the config"), (bad_dtype, "tensors that are not floating point")]
     message = "; ".join(f"{len(keys)} {what} (first: {', '.join(keys[:3])})" for keys, what in problems if keys)
     if message:
-        raise LoadError(f"{path} does not match its config.json: {message}. Is the config.json beside it the one that "
-                        f"came with these weights? {HOW_TO_GET}")
+        raise LoadError(f"{path} does not match {source}: {message}. Is {source} the one that came with these "
+                        f"weights? {HOW_TO_GET}")
 
     # Allocate the model in its final dtype and device (memory the loop below overwrites, so nothing is initialised).
     module.to(dtype).to_empty(device=device)
@@ -591,11 +592,19 @@ def save_json(obj, path):
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
+def is_single_file(path):
+    """A checkpoint file rather than a model folder (a folder may have a dot in its name: stable-diffusion-v1.5)."""
+    return not Path(path).is_dir() and Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def resolve_model(path=None):
-    """The model folder the scripts use: `path` if given (it must exist: never a silent fallback), else
-    weights/stable-diffusion-v1-4 when it has been downloaded, else the bundled tiny model weights/tiny."""
+    """The model the scripts use: `path` if given (a folder or a single .safetensors file; it must exist: never a
+    silent fallback), else weights/stable-diffusion-v1-4 when it has been downloaded, else the bundled weights/tiny."""
     if path:
-        if not Path(path).is_dir():
+        if is_single_file(path):
+            from nanoddpo.single_file import refuse_unsupported
+            refuse_unsupported(path)  # it must exist, and be a .safetensors file: never a pickle
+        elif not Path(path).is_dir():
             raise LoadError(f"model folder {path} does not exist. {HOW_TO_GET}")
         return Path(path)
     full = WEIGHTS / "stable-diffusion-v1-4"
@@ -649,8 +658,13 @@ class StableDiffusion(nn.Module):
         return self.unet.conv_in.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
-        """Load a model folder in the published layout (CompVis/stable-diffusion-v1-4): unet/, vae/, text_encoder/, tokenizer/."""
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, config=None, ema=True):
+        """Load a model folder in the published layout (CompVis/stable-diffusion-v1-4): unet/, vae/, text_encoder/,
+        tokenizer/; or a single-file SD 1.x checkpoint (.safetensors, the original layout: see nanoddpo/single_file.py),
+        built from SD v1's configs and CLIP's tokenizer (shipped), or from those of the folder `config`. A file with
+        EMA weights loads them (ema=False: the trained weights instead)."""
+        if is_single_file(path):
+            return cls.from_single_file(path, device, dtype, config, ema)
         root = Path(path)
         if not root.is_dir():
             raise LoadError(f"model folder {root} does not exist. {HOW_TO_GET}")
@@ -663,6 +677,24 @@ class StableDiffusion(nn.Module):
         for name, stem, _, _ in COMPONENTS:
             load_weights(getattr(sd, name), weights_file(root / name, stem), dtype, device, RENAMES[name])
         sd.path, sd.fingerprint = str(root), fingerprint(cfgs[0])
+        return sd.eval().requires_grad_(False)
+
+    @classmethod
+    def from_single_file(cls, path, device="cpu", dtype=torch.float32, config=None, ema=True):
+        from nanoddpo.single_file import SD_V1, clip_tokenizer_folder, refuse_unsupported, split_entries
+
+        refuse_unsupported(path)
+        if config:  # a model folder's configs and tokenizer (its weights are not read)
+            cfgs = [read_config(Path(config) / name / "config.json") for name, *_ in COMPONENTS]
+            tokenizer, source = load_tokenizer(Path(config) / "tokenizer"), f"the configs in {config}"
+        else:
+            cfgs = [read_config(SD_V1 / f"{name}_config.json") for name, *_ in COMPONENTS]
+            tokenizer, source = load_tokenizer(clip_tokenizer_folder()), "SD v1's configs (nanoddpo/configs/sd-v1-4)"
+        sd = cls(*cfgs, tokenizer, init=False)
+        entries, _ = split_entries(path, sd.unet, sd.vae, ema)
+        for name, *_ in COMPONENTS:
+            load_weights(getattr(sd, name), path, dtype, device, entries=entries[name], source=f"{source} ({name})")
+        sd.path, sd.fingerprint = str(path), fingerprint(cfgs[0])
         return sd.eval().requires_grad_(False)
 
     def save_pretrained(self, path):

@@ -6,8 +6,18 @@ float numpy array (B,). Rewards that need a model (aesthetic, alignment) are sma
 are called the same way. `get_reward(name)` is what train.py and sample.py use; `REWARDS` lists the choices.
 `check_reward(name, prompts)` checks a choice against the run's prompts and the reward's weight files before any model
 loads, so a wrong setting fails in a second instead of after Stable Diffusion has loaded.
+
+Your own reward is a function in a file of yours, named as "path/to/file.py:function":
+
+    # my_reward.py                                   python train.py --reward my_reward.py:redness
+    import numpy as np
+    def redness(images, prompts):
+        # uint8 (B, H, W, 3) images and B prompts -> (B,) floats: mean red minus the mean of green and blue
+        return images[..., 0].mean(axis=(1, 2)) - images[..., 1:].mean(axis=(1, 2, 3))
 """
+import importlib.util
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,20 +97,106 @@ REWARDS = {
 }
 
 
+def is_custom_reward(name):
+    """A reward named as "path/to/file.py:function" rather than one of REWARDS."""
+    return ".py:" in name
+
+
+def reward_label(name):
+    """A name fit for a run folder: the reward's name, or "<file stem>-<function>" for a custom one."""
+    if is_custom_reward(name):
+        path, function = name.rsplit(":", 1)
+        return f"{Path(path).stem}-{function}"
+    return name
+
+
 def get_reward(name):
+    """The reward callable for a name in REWARDS or a "path/to/file.py:function"; loads its model if it has one."""
+    if is_custom_reward(name):
+        return load_custom_reward(name)
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; choose one of: {', '.join(REWARDS)}")
+        raise UsageError(unknown_reward(name))
     return REWARDS[name]()
 
 
+def unknown_reward(name):
+    return f"unknown reward {name!r}; choose one of: {', '.join(REWARDS)}, or your own function as path/to/file.py:function"
+
+
+class CustomReward:
+    """A user's reward function, with its result checked on every call so that a mistake in it stops the run with a
+    message naming it, rather than surfacing later as a shape error in the advantages. Accepted results: anything
+    numpy reads as a floating-point array of shape (B,) (a float numpy array, a list of Python floats, a CPU torch
+    tensor); integers and booleans are refused, since a reward of whole numbers is more often a bug than a choice.
+    The result is returned as float32. NaN is allowed: train.py gives such a sample no weight."""
+
+    def __init__(self, function, name):
+        self.function, self.name = function, name
+
+    def __call__(self, images, prompts):
+        try:
+            result = self.function(images, prompts)
+        except Exception as e:
+            raise UsageError(f"reward {self.name} raised {type(e).__name__}: {e}") from e
+        if hasattr(result, "detach"):  # a torch tensor, possibly on the GPU
+            result = result.detach().float().cpu().numpy()
+        try:
+            scores = np.asarray(result)
+        except Exception:
+            scores = np.asarray(None)
+        expected = f"a float array of shape ({len(images)},): one number per image"
+        if scores.dtype.kind != "f":
+            raise UsageError(f"reward {self.name} returned {type(result).__name__} of dtype {scores.dtype}; expected "
+                             f"{expected}, e.g. np.asarray(scores, dtype=np.float32)")
+        if scores.shape != (len(images),):
+            raise UsageError(f"reward {self.name} returned shape {scores.shape} for {len(images)} images; expected "
+                             f"{expected}")
+        return scores.astype(np.float32)
+
+
+def load_custom_reward(name):
+    """"path/to/file.py:function" -> CustomReward. The file is imported as a module (its top level runs once)."""
+    path, function = name.rsplit(":", 1)
+    if not Path(path).is_file():
+        raise UsageError(f"reward {name}: no file {path} (name a reward as path/to/file.py:function)")
+    spec = importlib.util.spec_from_file_location(f"custom_reward_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UsageError(f"reward {name}: importing {path} raised {type(e).__name__}: {e}") from e
+    found = getattr(module, function, None)
+    if not callable(found):
+        defined = [k for k, v in vars(module).items() if callable(v) and getattr(v, "__module__", None) == module.__name__]
+        what = "is not a function" if found is not None else "is not defined"
+        raise UsageError(f"reward {name}: {function} {what} in {path} (its functions: {', '.join(defined) or 'none'})")
+    return CustomReward(found, name)
+
+
+def write_answers(reward, path, epoch, k=4):
+    """Append `k` of the answers a reward model gave since the last call (its take_answers(): (prompt, answer, score)
+    triples; AlignmentReward has it) to the JSON-lines file `path`, one {"epoch", "prompt", "answer", "score"} per
+    line, spread evenly over the epoch's answers. Rewards that give no answers write nothing. Returns lines written."""
+    answers = reward.take_answers() if hasattr(reward, "take_answers") else []
+    if not answers:
+        return 0
+    picked = sorted(set(np.linspace(0, len(answers) - 1, min(k, len(answers))).round().astype(int).tolist()))
+    with open(path, "a") as f:
+        for i in picked:
+            prompt, answer, score = answers[i]
+            f.write(json.dumps({"epoch": epoch, "prompt": prompt, "answer": answer, "score": round(float(score), 4)}) + "\n")
+    return len(picked)
+
+
 def check_reward(name, prompts):
-    """Raise ValueError, with one message saying what to change, if reward `name` cannot score these prompts: an
+    """Raise UsageError, with one message saying what to change, if reward `name` cannot score these prompts: an
     unknown name, tinyworld with prompts outside the tiny world's grammar, a learned reward whose weights are not
-    downloaded. Loads nothing. Custom rewards ("path/to/file.py:function") are checked when they load."""
-    if ".py:" in name:
+    downloaded, a custom "path/to/file.py:function" that does not import. Loads no model."""
+    if is_custom_reward(name):
+        load_custom_reward(name)
         return
     if name not in REWARDS:
-        raise UsageError(f"unknown reward {name!r}; choose one of: {', '.join(REWARDS)}")
+        raise UsageError(unknown_reward(name))
     if name == "tinyworld":
         from nanoddpo.world import make_prompt, parse_prompt
         bad = []

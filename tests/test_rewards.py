@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanoddpo.rewards import REWARDS, AsyncReward, get_reward
+from nanoddpo.cli import UsageError
+from nanoddpo.rewards import REWARDS, AsyncReward, check_reward, get_reward, is_custom_reward, reward_label, write_answers
 
 def random_images(n, h=64, w=64, seed=0):
     """Noise images, the same for a given seed whatever tests run before."""
@@ -53,6 +54,99 @@ def test_unknown_reward_lists_choices():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# your own reward: path/to/file.py:function
+
+CUSTOM = """
+import numpy as np
+import torch
+def redness(images, prompts):
+    return images[..., 0].mean(axis=(1, 2)) - images[..., 1:].mean(axis=(1, 2, 3))
+def as_list(images, prompts):
+    return [float(len(p)) for p in prompts]
+def as_tensor(images, prompts):
+    return torch.ones(len(images), dtype=torch.float16)
+def wrong_shape(images, prompts):
+    return np.zeros((len(images), 1))
+def integers(images, prompts):
+    return np.zeros(len(images), dtype=np.int64)
+def strings(images, prompts):
+    return ["high"] * len(images)
+def broken(images, prompts):
+    return 1 / 0
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture
+def custom_file(tmp_path):
+    (tmp_path / "my_reward.py").write_text(CUSTOM)
+    return tmp_path / "my_reward.py"
+
+
+def test_custom_reward_from_a_file(custom_file):
+    images, prompts = random_images(3), ["a", "bb", "ccc"]
+    images[0, ..., 0] = 255  # the first image is redder
+    name = f"{custom_file}:redness"
+    assert is_custom_reward(name) and not is_custom_reward("jpeg") and reward_label(name) == "my_reward-redness"
+    check_reward(name, prompts)
+    scores = get_reward(name)(images, prompts)
+    assert scores.shape == (3,) and scores.dtype == np.float32 and scores.argmax() == 0
+    np.testing.assert_array_equal(get_reward(f"{custom_file}:as_list")(images, prompts), [1, 2, 3])
+    np.testing.assert_array_equal(get_reward(f"{custom_file}:as_tensor")(images, prompts), [1, 1, 1])
+
+
+@pytest.mark.parametrize("function, error, message", [
+    ("wrong_shape", UsageError, r"my_reward.py:wrong_shape returned shape \(3, 1\) for 3 images; expected a float array"),
+    ("integers", UsageError, r"my_reward.py:integers returned ndarray of dtype int64; expected a float array of shape \(3,\)"),
+    ("strings", UsageError, r"my_reward.py:strings returned list of dtype <U4"),
+    ("broken", UsageError, r"my_reward.py:broken raised ZeroDivisionError: division by zero"),
+])
+def test_custom_reward_bad_results_name_the_function(custom_file, function, error, message):
+    reward = get_reward(f"{custom_file}:{function}")
+    with pytest.raises(error, match=message):
+        reward(random_images(3), ["a", "b", "c"])
+
+
+def test_custom_reward_load_errors(custom_file, tmp_path):
+    with pytest.raises(ValueError, match=r"no file .*missing.py"):
+        get_reward(f"{tmp_path / 'missing.py'}:score")
+    with pytest.raises(ValueError, match=r"nope is not defined in .*my_reward.py \(its functions: redness, as_list"):
+        check_reward(f"{custom_file}:nope", ["p"])
+    with pytest.raises(ValueError, match="NOT_A_FUNCTION is not a function"):
+        get_reward(f"{custom_file}:NOT_A_FUNCTION")
+    (tmp_path / "bad.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ValueError, match=r"bad.py:score: importing .*bad.py raised ModuleNotFoundError"):
+        get_reward(f"{tmp_path / 'bad.py'}:score")
+    with pytest.raises(ValueError, match="or your own function as path/to/file.py:function"):
+        check_reward("jpg", ["p"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what the alignment reward saw: answers.jsonl
+
+class StubAnswers:
+    """Stands in for AlignmentReward: the (prompt, answer, score) triples it gathered during an epoch."""
+
+    def __init__(self, n):
+        self.answers = [(f"prompt {i}", f"answer {i}", i / 10) for i in range(n)]
+
+    def take_answers(self):
+        answers, self.answers = self.answers, []
+        return answers
+
+
+def test_write_answers_keeps_a_few_per_epoch(tmp_path):
+    import json
+    path = tmp_path / "answers.jsonl"
+    assert write_answers(StubAnswers(10), path, epoch=0, k=4) == 4
+    assert write_answers(StubAnswers(2), path, epoch=1, k=4) == 2
+    assert write_answers(StubAnswers(0), path, epoch=2) == 0 and write_answers(get_reward("jpeg"), path, epoch=2) == 0
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["epoch"], r["prompt"]) for r in lines] == [(0, "prompt 0"), (0, "prompt 3"), (0, "prompt 6"),
+                                                          (0, "prompt 9"), (1, "prompt 0"), (1, "prompt 1")]
+    assert lines[1] == {"epoch": 0, "prompt": "prompt 3", "answer": "answer 3", "score": 0.3}
+
+
 # AsyncReward
 
 def test_async_reward_keeps_batches_paired():
@@ -400,6 +494,9 @@ def test_alignment_reward(tiny_llava, tiny_deberta):
     singles = [reward.bertscore.recall(answers[i:i + 1], [f"The image contains {prompts[i]}"]) for i in range(3)]
     np.testing.assert_allclose(np.concatenate(singles), scores, atol=1e-5)
     np.testing.assert_array_equal(reward(images, prompts), scores)
+    # every scored image's prompt, answer and score is kept for answers.jsonl, then handed over once
+    kept = reward.take_answers()
+    assert kept == [(p, a, s) for p, a, s in zip(prompts, answers, scores.tolist())] * 2 and reward.take_answers() == []
 
 
 def test_alignment_missing_weights_error(tmp_path, tiny_llava, tiny_deberta):
@@ -432,7 +529,8 @@ def test_check_reward_unknown_name_lists_choices():
     assert all(name in str(err.value) for name in REWARDS)
     check_reward("jpeg", ["cat", "tench, Tinca tinca"])  # the jpeg rewards score any prompt
     check_reward("jpeg-incompressibility", ["cat"])
-    check_reward("my_rewards.py:score", ["cat"])  # a custom reward is checked when it loads
+    with pytest.raises(UsageError, match="no file my_rewards.py"):  # a custom reward is checked by loading it
+        check_reward("my_rewards.py:score", ["cat"])
 
 
 def test_check_reward_tinyworld_needs_its_own_prompts():

@@ -206,3 +206,17 @@ def test_prompts_and_reward_are_checked_before_the_model_loads(tiny_model_dir, t
     with pytest.raises(UsageError) as exit_info:
         script.main(script.parser.parse_args(["--model", str(model)]))
     assert f"{model / 'prompts.json'} must hold a JSON list of strings, found a dict" in str(exit_info.value)
+
+
+def test_custom_reward(workdir, tiny_model_dir, monkeypatch, capsys):
+    """--reward path/to/file.py:function scores the grid; a missing function is one clear line."""
+    (workdir / "my_reward.py").write_text("import numpy as np\ndef score(images, prompts):\n"
+                                          "    return np.full(len(images), 0.5)\n")
+    monkeypatch.chdir(workdir)
+    script = load_sample_script()
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "1", "--ckpt", "base",
+                                          "--prompts", "a cat", "--reward", "my_reward.py:score", "--out", "custom.png"]))
+    assert "base: mean my_reward.py:score reward 0.5000 over 1 images" in capsys.readouterr().out
+    with pytest.raises(UsageError) as exit_info:
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--reward", "my_reward.py:nope"]))
+    assert "reward my_reward.py:nope: nope is not defined in my_reward.py (its functions: score)" in str(exit_info.value)

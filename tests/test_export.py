@@ -1,0 +1,89 @@
+"""Exporting trained weights (nanoddpo/export.py), with diffusers (and peft, which its LoRA loading uses) as the oracle:
+the exported files, opened by diffusers, give the same UNet output as nanoddpo's trained model (fp32, relative error
+below 1e-5). Runs are made by nanoddpo.checkpoint.save_checkpoint on the tiny model, as train.py writes them.
+Run: pytest tests/test_export.py
+"""
+import pytest
+import torch
+from safetensors import safe_open
+
+from nanoddpo.checkpoint import save_checkpoint
+from nanoddpo.export import export, main
+from nanoddpo.lora import add_lora, lora_parameters
+from nanoddpo.model import LoadError, StableDiffusion
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def rel_err(ours, ref):
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def make_run(tiny_model_dir, run, lora, step=3):
+    """A run folder with one checkpoint whose weights differ clearly from the base model."""
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    if lora:
+        add_lora(sd.unet, rank=2)
+    params = lora_parameters(sd.unet) if lora else list(sd.unet.parameters())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+    optimizer = torch.optim.AdamW(params)
+    save_checkpoint(run, sd, lora, optimizer, {"global_step": step, "epoch": 1, "settings": {"lora": lora}})
+    return sd
+
+
+def unet_inputs():
+    torch.manual_seed(0)
+    return torch.randn(2, 4, 8, 8), torch.tensor([981, 21]), torch.randn(2, 77, 32)
+
+
+def test_lora_export_loads_in_diffusers(tiny_model_dir, tmp_path):
+    trained = make_run(tiny_model_dir, tmp_path / "runs" / "lora-run", lora=True)
+    (path,) = export(tmp_path / "runs" / "lora-run", tmp_path / "out")
+    assert path.name == "lora-run-step3-lora.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        alpha = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha")
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "2" and alpha.item() == 2.0
+    assert "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in keys
+    assert len(keys) == 3 * 4 * 2 * 4  # (down, up, alpha) x (q, k, v, out) x (attn1, attn2) x 4 transformers
+
+    base = StableDiffusion.from_pretrained(tiny_model_dir)
+    from nanoddpo.export import write_diffusers_folder
+    from nanoddpo.single_file import SD_V1
+    write_diffusers_folder(base, tmp_path / "base", SD_V1 / "scheduler_config.json")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"), local_files_only=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        ours, theirs, before = trained.unet(x, t, context), pipe.unet(x, t, context).sample, base.unet(x, t, context)
+    assert rel_err(theirs, ours) < 1e-5
+    assert rel_err(before, ours) > 1e-2  # the LoRA changes the output: the agreement is not base == base
+
+
+def test_full_export_opens_in_diffusers_and_as_single_file(tiny_model_dir, tmp_path):
+    trained = make_run(tiny_model_dir, tmp_path / "runs" / "full-run", lora=False, step=5)
+    main([str(tmp_path / "runs" / "full-run"), "--step", "5", "--out", str(tmp_path / "out"), "--single-file"])
+    folder, single = tmp_path / "out" / "full-run-step5", tmp_path / "out" / "full-run-step5.safetensors"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        assert rel_err(pipe.unet(x, t, context).sample, trained.unet(x, t, context)) < 1e-5
+        base = StableDiffusion.from_pretrained(tiny_model_dir)
+        assert rel_err(base.unet(x, t, context), trained.unet(x, t, context)) > 1e-2
+    # the VAE and text encoder are the base model's, unchanged; the folder and the file both load in nanoddpo
+    for exported in (StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(single, config=folder)):
+        for a, b in zip(exported.state_dict().values(), trained.state_dict().values()):
+            assert torch.equal(a, b)
+    assert pipe.tokenizer("a red cat").input_ids == trained.tokenizer("a red cat").input_ids
+
+
+def test_export_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(LoadError, match="holds no checkpoints"):
+        export(tmp_path / "runs" / "empty", tmp_path / "out")
+    make_run(tiny_model_dir, tmp_path / "runs" / "r", lora=True)
+    with pytest.raises(SystemExit, match="no checkpoint at step 7; it has: step_3"):
+        main([str(tmp_path / "runs" / "r"), "--step", "7", "--out", str(tmp_path / "out")])
+
