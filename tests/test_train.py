@@ -272,6 +272,17 @@ def test_one_update_averages_over_batches_and_timesteps(tmp_path, tiny_model_dir
         assert torch.allclose(bias - base, torch.full_like(base, first * steps), rtol=1e-4), (fraction, accum)
 
 
+def test_your_own_reward_in_one_flag(tmp_path, tiny_model_dir):
+    (tmp_path / "mine.py").write_text("import numpy as np\n"
+                                      "def brightness(images, prompts):\n    return images.mean(axis=(1, 2, 3)) / 255\n"
+                                      "def one_per_batch(images, prompts):\n    return np.zeros(1)\n")
+    run_dir = run(tmp_path, tiny_model_dir, name="r", epochs=1, reward=f"{tmp_path / 'mine.py'}:brightness")
+    m = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert 0 < m["reward_mean"] < 1 and m["reward_std"] > 0
+    with pytest.raises(train.UsageError, match=r"mine.py:one_per_batch returned shape \(1,\) for 4 images"):
+        run(tmp_path, tiny_model_dir, name="bad", epochs=1, reward=f"{tmp_path / 'mine.py'}:one_per_batch")
+
+
 def test_kl_to_base_is_zero_until_the_model_moves(tmp_path, tiny_model_dir):
     run_dir = run(tmp_path, tiny_model_dir, name="r", epochs=2, kl_coef=0.1)
     kls = [json.loads(l)["kl_to_base"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
