@@ -307,6 +307,16 @@ def kl_to_base(s, unet, base_unet, ddim, e, gen):
     return torch.cat(kls).mean().item()
 
 
+def prompts_for(s, model_dir):
+    """The run's prompts and where they came from, checked against the reward before any model loads."""
+    try:
+        prompts, why = load_prompts(s.prompts, model_dir)
+        check_reward(s.reward, prompts)
+    except UsageError as e:
+        raise UsageError(f"--{'prompts' if isinstance(e, PromptError) else 'reward'}: {e}") from None
+    return prompts, why
+
+
 def base_model(sd, unet, lora, dtype):
     """The base model's UNet, for the KL to it: with LoRA the same UNet with its adapters switched off (no copy);
     with full fine-tuning a frozen copy of the published weights in the compute dtype (one more UNet in memory:
@@ -325,10 +335,8 @@ def base_model(sd, unet, lora, dtype):
 
 def main(s, resume_ckpt=None):
     ranks = Ranks()
-    device = torch.device(ranks.device if s.device == "auto" else s.device)
+    device = ranks.use_device(s.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
     precision = ("bf16" if cuda else "fp32") if s.precision == "auto" else s.precision
     use_compile = cuda if s.compile == "auto" else s.compile == "on"
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -338,11 +346,7 @@ def main(s, resume_ckpt=None):
     d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir = resolve_model(s.model)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
-    try:  # the prompts and the reward's files are checked before any model loads
-        prompts, why = load_prompts(s.prompts, model_dir)
-        check_reward(s.reward, prompts)
-    except UsageError as e:
-        raise UsageError(f"--{'prompts' if isinstance(e, PromptError) else 'reward'}: {e}") from None
+    prompts, why = prompts_for(s, model_dir)
     s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(s.resume) if s.resume else Path(s.out_dir) / s.name
     start_run(run_dir, s, ranks.rank)

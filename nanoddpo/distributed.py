@@ -24,6 +24,14 @@ class Ranks:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
         self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
+    def use_device(self, device):
+        """The torch.device this process runs on: `device`, or for "auto" its own GPU (cuda:LOCAL_RANK), else the CPU.
+        A GPU is made current, so that kernels and bare "cuda" tensors land on it, not on cuda:0."""
+        device = torch.device(self.device if device == "auto" else device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
     def log(self, *args, **kw):
         if self.rank == 0:
             print(*args, **kw)
