@@ -12,7 +12,7 @@ arXiv 2305.13301) uses it.
     kl = ddim.kl(eps, eps_base, t, x_t)                  # KL to the base model's step, per latent dim
     traj = sample(sd, ["a cat"], seeds=[0])              # the whole trajectory train.py needs
 
-Tests: python -m pytest -q tests/test_ddim.py
+Tests: python -m pytest -q tests/test_2_ddim.py
 """
 import contextlib
 import math

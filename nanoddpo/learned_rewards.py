@@ -14,7 +14,7 @@ looks for their files (WEIGHT_FILES) before anything loads.
 Devices: every model and every tensor of a reward lives on one device with an explicit index, by default this process's
 own GPU (cuda:LOCAL_RANK under torchrun) or the CPU; never a bare "cuda", which on AsyncReward's scoring thread means
 cuda:0 (see resolve_device).
-Tests: pytest tests/test_rewards.py
+Tests: pytest tests/test_4_rewards.py
 """
 import io
 import os

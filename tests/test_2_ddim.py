@@ -2,7 +2,7 @@
 Tests of nanoddpo/ddim.py: the SD v1 schedule, the DDIM step and its log-prob against torch.distributions.Normal and
 diffusers' DDIMScheduler (test-time oracle only), gradients, eta = 0, per-sample reproducibility, end-to-end parity.
 
-    python -m pytest -x -q tests/test_ddim.py
+    python -m pytest -x -q tests/test_2_ddim.py
 """
 import copy
 

@@ -4,7 +4,7 @@ diffusers' from_single_file as an independent oracle, the variants real files co
 The tiny models of conftest.py have a tiny vocabulary, so their single files are read with `config=` (the configs and
 tokenizer of a model folder, as diffusers' from_single_file(config=...) does); the default path, SD v1's shipped configs
 and CLIP's tokenizer, is tested on its own (the tokenizer, and a tiny file refused for not matching SD v1's shapes).
-Run: pytest tests/test_single_file.py
+Run: pytest tests/test_1_model_single_file.py
 """
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Tests of the tiny world (nanoddpo/world.py) and the bundled model made from it (weights/tiny).
 
-    python -m pytest -q tests/test_world.py
+    python -m pytest -q tests/test_5_world.py
 """
 import json
 from pathlib import Path

@@ -5,7 +5,7 @@ names and shapes (checked against tests/reference/sd-v1-4/*_keys.tsv), then load
 its peak resident memory, and checks each network against diffusers / transformers at full size.
 It needs ~5 GB of disk (~7 GB with the fp16 copy), ~6 GB of RAM and several minutes on CPU, so it is opt-in:
 
-    NANODDPO_FULL_SIZE=1 python -m pytest -s -q tests/test_full_size.py
+    NANODDPO_FULL_SIZE=1 python -m pytest -s -q tests/test_1_model_full_size.py
     NANODDPO_FULL_SIZE_DIR=/tmp/sd-v1-4-random ...   # keep the written folder and reuse it on the next run
 """
 import ast
@@ -266,6 +266,6 @@ def test_text_encoder_matches_transformers(sd):
     gc.collect()
 
 
-if __name__ == "__main__":  # python tests/test_full_size.py write DIR: the folder writer, run in its own process
+if __name__ == "__main__":  # python tests/test_1_model_full_size.py write DIR: the folder writer, run in its own process
     assert sys.argv[1] == "write"
     print(json.dumps(write_folder(sys.argv[2])))

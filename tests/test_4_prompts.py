@@ -1,6 +1,6 @@
 """Prompt sets and the one prompt loader train.py and sample.py share (nanoddpo/prompts.py).
 
-    python -m pytest -q tests/test_prompts.py
+    python -m pytest -q tests/test_4_prompts.py
 """
 import json
 

@@ -1,7 +1,7 @@
 """Rewards: jpeg sizes, the aesthetic scorer, LLaVA + BERTScore alignment and the async wrapper.
 
 The learned rewards run on tiny random CLIP, LLaVA and DeBERTa models built here and saved with save_pretrained, so the
-real loading path is exercised without downloads. Run: pytest tests/test_rewards.py
+real loading path is exercised without downloads. Run: pytest tests/test_4_rewards.py
 (the BERTScore oracle test needs `pip install bert-score` and is skipped without it).
 """
 import time

@@ -1,7 +1,7 @@
 """Exporting trained weights (nanoddpo/export.py), with diffusers (and peft, which its LoRA loading uses) as the oracle:
 the exported files, opened by diffusers, give the same UNet output as nanoddpo's trained model (fp32, relative error
 below 1e-5). Runs are made by nanoddpo.checkpoint.save_checkpoint on the tiny model, as train.py writes them.
-Run: pytest tests/test_export.py
+Run: pytest tests/test_6_export.py
 """
 import pytest
 import torch

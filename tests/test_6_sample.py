@@ -2,7 +2,7 @@
 Smoke tests of sample.py, run as a script on a tiny random model: the checkpoint grid end to end, and bad inputs
 failing with one clear line instead of a traceback.
 
-    python -m pytest -x -q tests/test_sample.py
+    python -m pytest -x -q tests/test_6_sample.py
 """
 import importlib.util
 import json
