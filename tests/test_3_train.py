@@ -97,6 +97,26 @@ def test_kl_to_base_weighs_only_in_the_penalty(tiny_model_dir):
     assert all(p.grad is not None for p in sd.unet.parameters() if p.requires_grad)
 
 
+def test_kl_penalty_with_lora_reaches_only_the_adapters(tiny_model_dir):
+    # With LoRA the base is the same UNet with its adapters off: the penalty's gradient must reach the LoRA weights
+    # and nothing else (the published weights stay frozen), and be nonzero once the adapters have moved.
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    traj = sample(sd, ["a red cat", "cat"], seeds=[1, 2], num_steps=4, guidance_scale=5.0)
+    add_lora(sd.unet, rank=2)
+    with torch.no_grad():
+        for p in lora_parameters(sd.unet):
+            p.add_(0.1 * torch.randn_like(p))
+    base = train.base_model(sd, sd.unet, True, torch.float32)
+    e = SimpleNamespace(latents=traj.latents, old_log_probs=traj.log_probs, context=traj.context,
+                        negative_context=traj.negative_context, advantages=torch.zeros(2))  # only the KL term
+    loss = train.ddpo_step_loss(settings(kl_coef=1.0), sd.unet, base, DDIM(4), e, torch.tensor([0, 1]),
+                                torch.tensor([0, 3]), None)[0]
+    loss.backward()
+    trained = {name for name, p in sd.unet.named_parameters() if p.grad is not None}
+    assert loss > 0 and trained == {name for name, p in sd.unet.named_parameters() if ".lora_" in name}
+    assert all(p.grad.abs().sum() > 0 for p in lora_parameters(sd.unet))
+
+
 # --- LoRA -----------------------------------------------------------------------------------------------------------
 
 def test_lora_starts_at_the_base_and_switches_off_to_it(tiny_model_dir):
