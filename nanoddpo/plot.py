@@ -1,13 +1,17 @@
 """
-Draw reward against samples seen from runs' metrics.jsonl, one curve per run, with PIL (no plotting library needed).
+Draw reward against samples seen from runs' metrics.jsonl, one curve per run, with PIL (no plotting library needed);
+or a trade-off, one point per checkpoint: JPEG gained against faithfulness lost, paired against the base model, from
+the scores that `sample.py --reward jpeg tinyworld --scores FILE` writes.
 
     python -m nanoddpo.plot runs/jpeg-ppo-x                       # one run
     python -m nanoddpo.plot runs/cmp-jpeg-* --out runs/jpeg.png   # several together, labelled by folder name
+    python -m nanoddpo.plot --tradeoff runs/kl_scores.json --out docs/kl_tradeoff.png
 """
 import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -53,16 +57,69 @@ def plot(curves, title="", size=(720, 440)):
     return img
 
 
+def read_tradeoff(scores_file):
+    """{run name: (JPEG gain in kB, faithfulness lost, their standard errors)} from sample.py's --scores JSON: paired
+    differences from the base row on the same prompts and seeds (the jpeg reward is -kB, so a gain is smaller files)."""
+    scores = json.loads(Path(scores_file).read_text())["scores"]
+    jpeg, world = scores["jpeg"], scores["tinyworld"]
+    se = lambda d: d.std(ddof=1) / np.sqrt(len(d))
+    points = {}
+    for ckpt in jpeg.keys() - {"base"}:
+        gain = np.subtract(jpeg[ckpt], jpeg["base"])
+        lost = np.subtract(world["base"], world[ckpt])
+        points[Path(ckpt).parent.parent.name or ckpt] = (gain.mean(), lost.mean(), se(gain), se(lost))  # run/checkpoints/step_N
+    return dict(sorted(points.items()))
+
+
+def tradeoff(points, title="", size=(560, 440)):
+    """points: {label: (x, y, x_se, y_se)}, x the JPEG gain, y the faithfulness lost. A dot per point with +-1 SE bars,
+    the origin (the base model) included in the axes."""
+    W, H = size
+    left, right, top, bottom = 70, 20, 30, 45
+    xs = [0] + [x + e * k for x, _, e, _ in points.values() for k in (-1, 1)]
+    ys = [0] + [y + e * k for _, y, _, e in points.values() for k in (-1, 1)]
+    xpad, ypad = (max(xs) - min(xs)) * 0.1 or 0.01, (max(ys) - min(ys)) * 0.1 or 0.01
+    x0, x1, y0, y1 = min(xs) - xpad, max(xs) + xpad, min(ys) - ypad, max(ys) + ypad
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for i in range(5):  # ticks
+        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        draw.text((px(x) - 12, H - bottom + 5), f"{x:.3f}", fill="black", font=font)
+        draw.text((5, py(y) - 6), f"{y:.3f}", fill="black", font=font)
+    draw.text((W // 2 - 110, H - 18), "JPEG gain (kB smaller, paired)", fill="black", font=font)
+    draw.text((left, 8), title or "faithfulness lost (tinyworld reward drop, paired) against JPEG gain", fill="black",
+              font=font)
+    draw.ellipse([px(0) - 3, py(0) - 3, px(0) + 3, py(0) + 3], outline="black")
+    draw.text((px(0) + 6, py(0) - 6), "base", fill="black", font=font)
+    for k, (label, (x, y, x_se, y_se)) in enumerate(points.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        draw.line([(px(x - x_se), py(y)), (px(x + x_se), py(y))], fill=colour)
+        draw.line([(px(x), py(y - y_se)), (px(x), py(y + y_se))], fill=colour)
+        draw.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill=colour)
+        draw.text((px(x) + 7, py(y) - 12), label, fill=colour, font=font)
+    return img
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl")
+    parser.add_argument("runs", nargs="*", help="run folders holding metrics.jsonl")
+    parser.add_argument("--tradeoff", metavar="SCORES", help="instead: sample.py's --scores JSON (rewards jpeg and "
+                        "tinyworld, a base row); one point per checkpoint")
     parser.add_argument("--out", default="runs/rewards.png")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
-    missing = [r for r in args.runs if not Path(r, "metrics.jsonl").is_file()]
-    if missing:
-        raise SystemExit(f"plot: error: no metrics.jsonl in {', '.join(missing)}")
-    img = plot({Path(r).name: read_curve(r) for r in args.runs}, args.title)
+    if args.tradeoff:
+        img = tradeoff(read_tradeoff(args.tradeoff), args.title)
+    else:
+        if not args.runs:
+            parser.error("give run folders, or --tradeoff SCORES")
+        missing = [r for r in args.runs if not Path(r, "metrics.jsonl").is_file()]
+        if missing:
+            raise SystemExit(f"plot: error: no metrics.jsonl in {', '.join(missing)}")
+        img = plot({Path(r).name: read_curve(r) for r in args.runs}, args.title)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     img.save(args.out)
     print(f"wrote {args.out}")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train
@@ -509,3 +510,18 @@ def test_plot_draws_one_curve_per_run(tmp_path):
     colours = {c for _, c in img.getcolors(1 << 20)}
     for hexcode in COLOURS[:2]:
         assert tuple(int(hexcode[i : i + 2], 16) for i in (1, 3, 5)) in colours
+
+
+def test_tradeoff_puts_each_checkpoint_at_its_paired_gain_and_loss(tmp_path):
+    from nanoddpo.plot import COLOURS
+    scores = {"jpeg": {"base": [-1.2, -1.3], "runs/a/checkpoints/step_1": [-1.1, -1.2], "runs/b/checkpoints/step_1": [-1.2, -1.3]},
+              "tinyworld": {"base": [1.0, 1.0], "runs/a/checkpoints/step_1": [1.0, 1.0], "runs/b/checkpoints/step_1": [0.5, 0.5]}}
+    (tmp_path / "scores.json").write_text(json.dumps(dict(scores=scores)))
+    subprocess.run([sys.executable, "-m", "nanoddpo.plot", "--tradeoff", str(tmp_path / "scores.json"), "--out",
+                    str(tmp_path / "t.png")], check=True, cwd=Path(__file__).parent.parent, capture_output=True)
+    img = Image.open(tmp_path / "t.png")
+    rgb = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in COLOURS[:2]]
+    # a gained 0.1 kB and lost nothing: bottom right; b gained nothing and lost 0.5: top left. The plot area is
+    # x 70..540, y 30..395 px, with 10% margins around the data range x 0..0.1, y 0..0.5.
+    assert img.getpixel((501, 365)) == rgb[0]
+    assert img.getpixel((109, 60)) == rgb[1]
