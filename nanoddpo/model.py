@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -229,6 +230,34 @@ class UNet(nn.Module):
 
         self.conv_norm_out = GroupNorm(ch[0], groups, eps)
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+        # Activation checkpointing per down/mid/up block (train.py --grad-checkpoint): only each block's inputs are kept
+        # for backward and its inside is recomputed, trading about one more forward for most of the activation memory.
+        self.grad_checkpoint = False
+
+    def _down(self, block, h, temb, context):
+        """One down block; returns every output that the up blocks take as a skip connection, the last being h."""
+        outs = []
+        for j, resnet in enumerate(block.resnets):
+            h = resnet(h, temb)
+            if "attentions" in block:
+                h = block.attentions[j](h, context)
+            outs.append(h)
+        if "downsamplers" in block:
+            outs.append(block.downsamplers[0](h))
+        return tuple(outs)
+
+    def _mid(self, h, temb, context):
+        h = self.mid_block.resnets[0](h, temb)
+        h = self.mid_block.attentions[0](h, context)
+        return self.mid_block.resnets[1](h, temb)
+
+    def _up(self, block, h, skips, temb, context):
+        """One up block; `skips` are its down-block outputs, last first."""
+        for j, resnet in enumerate(block.resnets):
+            h = resnet(torch.cat([h, skips[j]], dim=1), temb)
+            if "attentions" in block:
+                h = block.attentions[j](h, context)
+        return block.upsamplers[0](h) if "upsamplers" in block else h
 
     def forward(self, x, timesteps, context):
         # timesteps: a number, a 0-d or a (B,) tensor. Pass tensors under torch.compile: a Python number is a constant
@@ -236,31 +265,21 @@ class UNet(nn.Module):
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         temb = timestep_embedding(t, self.cfg["block_out_channels"][0], self.cfg["flip_sin_to_cos"], self.cfg["freq_shift"])
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb.to(x.dtype))))
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            run = lambda fn, *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        else:
+            run = lambda fn, *args: fn(*args)
 
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            for j, resnet in enumerate(block.resnets):
-                h = resnet(h, temb)
-                if "attentions" in block:
-                    h = block.attentions[j](h, context)
-                skips.append(h)
-            if "downsamplers" in block:
-                h = block.downsamplers[0](h)
-                skips.append(h)
-
-        h = self.mid_block.resnets[0](h, temb)
-        h = self.mid_block.attentions[0](h, context)
-        h = self.mid_block.resnets[1](h, temb)
-
+            skips += run(self._down, block, h, temb, context)
+            h = skips[-1]
+        h = run(self._mid, h, temb, context)
         for block in self.up_blocks:
-            for j, resnet in enumerate(block.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
-                if "attentions" in block:
-                    h = block.attentions[j](h, context)
-            if "upsamplers" in block:
-                h = block.upsamplers[0](h)
-
+            n = len(block.resnets)
+            h = run(self._up, block, h, skips[-n:][::-1], temb, context)
+            del skips[-n:]
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 

@@ -178,3 +178,33 @@ def test_unet_compiles_fullgraph(sd):
     x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([981, 1])
     with torch.no_grad():
         assert rel_err(compiled(x, t, context), sd.unet(x, t, context)) < 1e-5
+
+
+def test_grad_checkpoint_gives_the_same_output_and_gradients(sd):
+    """unet.grad_checkpoint recomputes each block in backward instead of storing it: same numbers, less memory."""
+    torch.manual_seed(0)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([981, 1])
+    unet = sd.unet.requires_grad_(True)
+    results, saved = [], []
+    for checkpointing in (False, True):
+        unet.grad_checkpoint = checkpointing
+        count = [0]  # tensors the outer autograd graph keeps for backward; checkpointed blocks keep only their inputs
+
+        def pack(tensor):
+            count[0] += tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = unet(x, t, context)
+        saved.append(count[0])
+        out.pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}))
+        unet.zero_grad(set_to_none=True)
+    unet.grad_checkpoint = False
+    unet.requires_grad_(False)
+    (out, grads), (out_ckpt, grads_ckpt) = results
+    assert torch.equal(out, out_ckpt)
+    assert saved[1] < saved[0] / 2, saved
+    assert grads.keys() == grads_ckpt.keys() and len(grads) == len(list(unet.parameters()))
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], rtol=1e-6, atol=1e-9), name
