@@ -19,7 +19,8 @@ weight tensors; LoRA through diffusers + peft) and ours / baseline. Variants: pr
 autocast) x compile modes; a variant that fails prints why and the bench goes on. Results: runs/bench/<time>.json.
 
 Sizes: on CUDA 64 x 64 latents (512 px), sampling batch 8, train batch 4, 50 steps, every precision and compile mode.
-On CPU 8 x 8 latents (64 px), batch 1 (UNet batch 2), 10 DDIM steps, fp32 eager only: about 5 minutes on 2 cores.
+On CPU 16 x 16 latents (128 px), batch 1 (UNet batch 2), 2 trajectories of 4 DDIM steps, fp32 eager only: about
+5 minutes on 2 idle cores (--precisions fp32,bf16,fp16 and --compile-modes eager,default add variants, slowly).
 
     python -m nanoddpo.bench                                   # from the repo root
     python -m nanoddpo.bench --threads 2 --latent 24           # the CPU comparison of issue 13 (slower)
@@ -27,6 +28,7 @@ On CPU 8 x 8 latents (64 px), batch 1 (UNet batch 2), 10 DDIM steps, fp32 eager 
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,11 +56,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Speed of nanoddpo's UNet and a miniature DDPO epoch vs diffusers.")
     p.add_argument("--model", default="", help="a model folder; default: SD v1-4 at full size, random weights")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    p.add_argument("--latent", type=int, default=0, help="latent side; 0 = 64 on CUDA (512 px), 8 on CPU (64 px)")
+    p.add_argument("--latent", type=int, default=0, help="latent side; 0 = 64 on CUDA (512 px), 16 on CPU (128 px)")
     p.add_argument("--batch", type=int, default=0, help="trajectories per sampling batch B (UNet batch 2B); 0 = 8 CUDA, 1 CPU")
     p.add_argument("--train-batch", type=int, default=0, help="trajectories per train step (UNet batch x2); 0 = 4 CUDA, 1 CPU")
     p.add_argument("--trajectories", type=int, default=0, help="N of the miniature epoch; 0 = 2 x --batch")
-    p.add_argument("--num-steps", type=int, default=0, help="DDIM steps of the miniature epoch; 0 = 50 on CUDA, 10 on CPU")
+    p.add_argument("--num-steps", type=int, default=0, help="DDIM steps of the miniature epoch; 0 = 50 on CUDA, 4 on CPU")
     p.add_argument("--precisions", default="", help="comma list of fp32,bf16,fp16; default all on CUDA, fp32 on CPU")
     p.add_argument("--compile-modes", default="", help="comma list of eager,default,reduce-overhead,max-autotune; "
                    "default all on CUDA, eager on CPU (compiling SD's UNet takes many minutes there)")
@@ -74,11 +76,11 @@ def parse_args(argv=None):
 
 def fill_defaults(a, cuda):
     """Device-dependent defaults, resolved once the device is known."""
-    a.latent = a.latent or (64 if cuda else 8)
+    a.latent = a.latent or (64 if cuda else 16)
     a.batch = a.batch or (8 if cuda else 1)
     a.train_batch = a.train_batch or (4 if cuda else 1)
     a.trajectories = a.trajectories or 2 * a.batch
-    a.num_steps = a.num_steps or (50 if cuda else 10)
+    a.num_steps = a.num_steps or (50 if cuda else 4)
     a.precisions = (a.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
     a.compile_modes = (a.compile_modes or ("eager,default,reduce-overhead,max-autotune" if cuda else "eager")).split(",")
     bad = [p for p in a.precisions if p not in DTYPES]
@@ -315,11 +317,12 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
 def run(a, device):
     cuda = device.type == "cuda"
     sd, base, base_note = build_models(a, device)
-    print(f"device: {torch.cuda.get_device_name(device) if cuda else 'CPU'} ({torch.get_num_threads()} threads)  "
+    print(f"device: {torch.cuda.get_device_name(device) if cuda else 'CPU'} ({torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: other processes slow a CPU bench)  "
           f"torch {torch.__version__}  model: {a.model or 'SD v1-4 at full size, random weights'}")
     print(f"size: {a.latent} x {a.latent} latents ({sd.image_size} px), sampling batch {a.batch} (UNet batch "
           f"{2 * a.batch}), train batch {a.train_batch} (UNet batch {2 * a.train_batch}); miniature epoch: "
-          f"{a.trajectories} trajectories x {a.num_steps} DDIM steps{'' if a.num_steps == 50 else ' (not 50: CPU)'}")
+          f"{a.trajectories} trajectories x {a.num_steps} DDIM steps{'' if a.num_steps == 50 else ' (not 50, to keep the bench short)'}")
     print(f"baseline: {base_note}.  weights fp32; bf16/fp16 by autocast.  median of {a.repeats}.  "
           f"peak GB: {'max_memory_allocated' if cuda else 'peak resident set of the whole process'}, ours / baseline")
     peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) if cuda else None
@@ -407,15 +410,15 @@ def run(a, device):
             continue
         phases, peaks, errors = [], [], []
         for unet, params in ((ours, lora[0]), (baseline, lora[1] if base is not None else None)):
-            if unet is None or params is None:
-                phases.append(None), peaks.append(None)
-                continue
-            try:
-                reset_peak(device)
-                phases.append(miniature_epoch(sd, unet, params, a, autocast, device))
-                peaks.append(peak_gb(device))
-            except Exception as e:
-                phases.append(None), peaks.append(None), errors.append(why_failed(e, a, 2 * max(a.batch, a.train_batch)))
+            phase, peak = None, None
+            if unet is not None and params is not None:
+                try:
+                    reset_peak(device)
+                    phase, peak = miniature_epoch(sd, unet, params, a, autocast, device), peak_gb(device)
+                except Exception as e:
+                    errors.append(why_failed(e, a, 2 * max(a.batch, a.train_batch)))
+            phases.append(phase)
+            peaks.append(peak)
         error = "; ".join(errors) or None
         get = lambda i, key: phases[i][key] if phases[i] else None
         n, steps = a.trajectories, a.num_steps
@@ -447,7 +450,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", threads=torch.get_num_threads(),
-                  torch=torch.__version__, settings=vars(a), rows=rows)
+                  torch=torch.__version__, load_average=os.getloadavg(), settings=vars(a), rows=rows)
     path.write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {path}")
     return path
