@@ -37,15 +37,19 @@ def GroupNorm(channels, groups, eps):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d, except when training in float32 on a CPU at small feature maps (12 x 12 or less): there the weight
-    gradient is one matmul of the output gradient with the unfolded input patches (im2col), which takes about the
-    forward's time where oneDNN's own weight gradient takes twice that (a 2-core AVX-512 CPU: 1280 channels at 6 x 6,
-    0.05 s instead of 0.10 s). It makes a full fine-tuning step of SD v1-4 at 24 x 24 latents faster than diffusers'.
-    Same numbers up to float rounding; every other case (GPU, no grad, autocast, larger maps) is nn.Conv2d's."""
+    """nn.Conv2d, except when training in float32 on a CPU with many channels on small maps (SD's 640 and 1280 channels
+    at 12 x 12 or less): there the weight gradient is one matmul of the output gradient with the unfolded input patches
+    (im2col), which takes about the forward's time where oneDNN's own weight gradient takes twice that (2-core AVX-512
+    CPU, 1280 channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels or 24 x 24 it is slower, hence the limits).
+    That is 5-10% off a full fine-tuning step of SD v1-4 at 24 x 24 latents. Same numbers up to float rounding; every
+    other case (GPU, no grad, autocast, larger maps, the tiny models) is nn.Conv2d's."""
+
+    matmul_grad_max_pixels, matmul_grad_min_channels = 144, 512
 
     def forward(self, x):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
-                and x.shape[-2] * x.shape[-1] <= 144 and not torch.is_autocast_enabled("cpu")):
+                and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels
+                and self.in_channels >= self.matmul_grad_min_channels and not torch.is_autocast_enabled("cpu")):
             return _ConvMatmulWeightGrad.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 

@@ -211,10 +211,14 @@ def test_grad_checkpoint_gives_the_same_output_and_gradients(sd):
         assert torch.allclose(grads[name], grads_ckpt[name], rtol=1e-6, atol=1e-9), name
 
 
-def test_unet_gradients_match_diffusers(sd):
-    """The training step's numbers: every weight's gradient equals diffusers' (on CPU at these 8 x 8 maps the 3x3 convs
-    take model.Conv2d's matmul weight gradient, so this also checks it)."""
+@pytest.mark.parametrize("matmul_grad", [False, True])
+def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
+    """The training step's numbers: every weight's gradient equals diffusers', with nn.Conv2d's weight gradient and with
+    model.Conv2d's matmul one (used on CPU for SD's wide, small maps; forced here on the tiny model's 32/64 channels)."""
+    from nanoddpo.model import Conv2d
+
     diffusers = pytest.importorskip("diffusers")
+    monkeypatch.setattr(Conv2d, "matmul_grad_min_channels", 0 if matmul_grad else 10**9)
     ref = diffusers.UNet2DConditionModel(**TINY_UNET)
     ref.load_state_dict(sd.unet.state_dict())
     torch.manual_seed(0)
@@ -237,7 +241,9 @@ def test_conv2d_matmul_weight_gradient(stride, size):
 
     torch.manual_seed(0)
     conv = Conv2d(8, 16, 3, stride=stride, padding=1)
+    conv.matmul_grad_min_channels = 0  # this conv's 8 channels would take nn.Conv2d's path
     x = torch.randn(2, 8, size, size, requires_grad=True)
+    assert ("_ConvMatmulWeightGrad" in type(conv(x).grad_fn).__name__) == (size * size <= 144)  # 13 x 13: nn.Conv2d
     grads = []
     for forward in (conv, lambda x: F.conv2d(x, conv.weight, conv.bias, stride, 1)):
         forward(x).pow(2).sum().backward()
