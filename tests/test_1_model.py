@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nanoddpo.model import LoadError, StableDiffusion
@@ -178,3 +179,75 @@ def test_unet_compiles_fullgraph(sd):
     x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([981, 1])
     with torch.no_grad():
         assert rel_err(compiled(x, t, context), sd.unet(x, t, context)) < 1e-5
+
+
+def test_grad_checkpoint_gives_the_same_output_and_gradients(sd):
+    """unet.grad_checkpoint recomputes each block in backward instead of storing it: same numbers, less memory."""
+    torch.manual_seed(0)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([981, 1])
+    unet = sd.unet.requires_grad_(True)
+    results, saved = [], []
+    for checkpointing in (False, True):
+        unet.grad_checkpoint = checkpointing
+        count = [0]  # tensors the outer autograd graph keeps for backward; checkpointed blocks keep only their inputs
+
+        def pack(tensor):
+            count[0] += tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = unet(x, t, context)
+        saved.append(count[0])
+        out.pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}))
+        unet.zero_grad(set_to_none=True)
+    unet.grad_checkpoint = False
+    unet.requires_grad_(False)
+    (out, grads), (out_ckpt, grads_ckpt) = results
+    assert torch.equal(out, out_ckpt)
+    assert saved[1] < saved[0] / 2, saved
+    assert grads.keys() == grads_ckpt.keys() and len(grads) == len(list(unet.parameters()))
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], rtol=1e-6, atol=1e-9), name
+
+
+@pytest.mark.parametrize("matmul_grad", [False, True])
+def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
+    """The training step's numbers: every weight's gradient equals diffusers', with nn.Conv2d's weight gradient and with
+    model.Conv2d's matmul one (used on CPU for SD's wide, small maps; forced here on the tiny model's 32/64 channels)."""
+    from nanoddpo.model import Conv2d
+
+    diffusers = pytest.importorskip("diffusers")
+    monkeypatch.setattr(Conv2d, "matmul_grad_min_channels", 0 if matmul_grad else 10**9)
+    ref = diffusers.UNet2DConditionModel(**TINY_UNET)
+    ref.load_state_dict(sd.unet.state_dict())
+    torch.manual_seed(0)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([981, 1])
+    unet = sd.unet.requires_grad_(True)
+    try:
+        unet(x, t, context).pow(2).mean().backward()
+        ref(x, t, context).sample.pow(2).mean().backward()
+        ref_grads = dict(ref.named_parameters())
+        for name, p in unet.named_parameters():
+            assert rel_err(p.grad, ref_grads[name].grad) < 1e-5, name
+    finally:
+        unet.zero_grad(set_to_none=True)
+        unet.requires_grad_(False)
+
+
+@pytest.mark.parametrize("stride, size", [(1, 12), (2, 12), (1, 13)])
+def test_conv2d_matmul_weight_gradient(stride, size):
+    from nanoddpo.model import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(8, 16, 3, stride=stride, padding=1)
+    conv.matmul_grad_min_channels = 0  # this conv's 8 channels would take nn.Conv2d's path
+    x = torch.randn(2, 8, size, size, requires_grad=True)
+    assert ("_ConvMatmulWeightGrad" in type(conv(x).grad_fn).__name__) == (size * size <= 144)  # 13 x 13: nn.Conv2d
+    grads = []
+    for forward in (conv, lambda x: F.conv2d(x, conv.weight, conv.bias, stride, 1)):
+        forward(x).pow(2).sum().backward()
+        grads.append([t.grad.clone() for t in (x, conv.weight, conv.bias)])
+        x.grad = conv.weight.grad = conv.bias.grad = None
+    for ours, ref in zip(*grads):
+        assert rel_err(ours, ref) < 1e-6

@@ -1,0 +1,90 @@
+"""The speed bench (nanoddpo/bench.py) end to end on the tiny model: every figure recorded and consistent, a failing
+variant reported while the bench goes on, the baseline skipped without diffusers, bad input in one line. Timings
+themselves are never asserted here: they belong to the bench, not to tests."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoddpo import bench
+
+FIELDS = {"what", "variant", "unit", "ours", "baseline", "ratio", "ours_peak_gb", "baseline_peak_gb", "mfu_ours",
+          "mfu_baseline", "error"}
+
+
+def run_bench(tiny_model_dir, tmp_path, *extra):
+    path = bench.main(["--model", str(tiny_model_dir), "--device", "cpu", "--precisions", "fp32", "--repeats", "1",
+                       "--trajectories", "2", "--num-steps", "3", "--latent", "8", "--out-dir", str(tmp_path), *extra])
+    return json.loads(path.read_text())
+
+
+def test_bench_records_every_figure_and_goes_on_past_a_failing_variant(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    record = run_bench(tiny_model_dir, tmp_path, "--compile-modes", "eager,no-such-mode")
+    assert record["device"] == "cpu" and record["torch"] == torch.__version__
+    assert record["settings"]["latent"] == 8 and record["settings"]["compile_modes"] == ["eager", "no-such-mode"]
+    rows = record["rows"]
+    assert all(set(row) == FIELDS for row in rows)
+
+    # The unknown compile mode fails in both phases, says why, and the rows after it are still measured.
+    failed = [i for i, row in enumerate(rows) if row["error"]]
+    assert [rows[i]["variant"] for i in failed] == ["fp32/no-such-mode"] * 2
+    assert all("no-such-mode" in rows[i]["error"] for i in failed)
+    assert any(row["what"].startswith("train LoRA") for row in rows[failed[0] + 1:])
+
+    eager = {row["what"]: row for row in rows if row["variant"] == "fp32/eager"}
+    expected = ["sample: guided eps, UNet batch 2", "train full: forward, UNet batch 2", "train full: fwd+bwd, UNet batch 2",
+                "train full +grad ckpt: fwd+bwd, batch 2", "train LoRA r4: fwd+bwd, UNet batch 2",
+                "epoch LoRA: sample 2 traj x 3 steps", "epoch LoRA:   of which VAE decode",
+                "epoch LoRA: train 2 traj x 3 steps", "epoch LoRA: sample + train", "trajectories per hour (no reward)",
+                "seconds per 1,000-image epoch"]
+    assert list(eager) == expected
+    for row in eager.values():  # ours and the baseline both measured, the ratio is theirs
+        assert row["ours"] > 0 and row["baseline"] > 0 and row["error"] is None
+        assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+    for what in expected[:5]:
+        assert eager[what]["ours_peak_gb"] > 0.1 and eager[what]["baseline_peak_gb"] > 0.1  # the whole process's RSS
+
+    # The epoch's derived figures follow from its phases; a backward costs more than the forward alone.
+    total = eager["epoch LoRA: sample + train"]
+    assert total["ours"] == pytest.approx(eager[expected[5]]["ours"] + eager[expected[7]]["ours"])
+    assert eager[expected[6]]["ours"] < eager[expected[5]]["ours"]
+    assert eager["trajectories per hour (no reward)"]["ours"] == pytest.approx(3600 * 2 / total["ours"])
+    assert eager["seconds per 1,000-image epoch"]["baseline"] == pytest.approx(1000 * total["baseline"] / 2)
+    assert eager[expected[2]]["ours"] > eager[expected[1]]["ours"]
+
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError" in out and "no-such-mode" in out and str(tmp_path) in out
+    assert "not 50, to keep the bench short" in out  # the miniature epoch says it ran fewer steps
+
+
+def test_baseline_skipped_without_diffusers_and_out_of_memory_reported(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(bench, "sampling_call", out_of_memory)
+    record = run_bench(tiny_model_dir, tmp_path, "--epoch", "none")
+    out = capsys.readouterr().out
+    assert "baseline: skipped: diffusers is not installed" in out
+    rows = {row["what"]: row for row in record["rows"]}
+    assert rows["sample: guided eps, UNet batch 2"]["error"] == "out of memory at 8 x 8 latents, UNet batch 2"
+    assert rows["train LoRA r4: fwd+bwd, UNet batch 2"]["ours"] > 0  # measured after the failure
+    assert all(row["baseline"] is None and row["ratio"] is None for row in record["rows"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
+    (["--precisions", "fp8"], "unknown precision 'fp8'"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    result = subprocess.run([sys.executable, "-m", "nanoddpo.bench", "--device", "cpu", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bench: error: {message}"), result.stderr
