@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from nanoddpo import cli
+from nanoddpo.bench import mfu
 from nanoddpo.checkpoint import checkpoints_of, forget_after, resume, save_checkpoint, start_run
 from nanoddpo.cli import UsageError, settings_parser
 from nanoddpo.distributed import Ranks
@@ -469,7 +470,7 @@ def main(s, resume_ckpt=None):
                 m["faithfulness"] = float(np.concatenate([c.result() for c in checks]).mean())
             if cuda:
                 m["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                m["mfu"] = mfu(sd, s, d.local_samples, d.timesteps, t_sample + t_train)
+                m["mfu"] = mfu(sd, s.num_steps, d.local_samples, d.timesteps * d.inner_epochs, t_sample + t_train)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
             write_answers(reward_fn, run_dir / "answers.jsonl", epoch)  # what LLaVA said, for the alignment reward
@@ -490,26 +491,6 @@ def main(s, resume_ckpt=None):
     ranks.close()
     ranks.log(f"done: {run_dir}")
     return sd
-
-
-PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "RTX 4090": 165}  # dense bf16
-
-
-def mfu(sd, s, samples, timesteps_trained, seconds):
-    """Model-FLOPs utilisation of one GPU: UNet FLOPs (counted once) over the GPU's dense bf16 peak. Sampling is a
-    forward of 2 (the guidance pair) per step; training forward + backward, counted as 3 forwards by convention.
-    The VAE and the text encoder are left out."""
-    if not hasattr(sd, "unet_flops"):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        x = torch.zeros(1, *sd.latent_shape, device=sd.device, dtype=sd.dtype)
-        ctx = torch.zeros(1, sd.max_length, sd.unet.cfg["cross_attention_dim"], device=sd.device, dtype=sd.dtype)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            sd.unet(x, torch.tensor([1], device=sd.device), ctx)
-        sd.unet_flops = counter.get_total_flops()  # one image, one step
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-    flops = sd.unet_flops * 2 * samples * (s.num_steps + 3 * timesteps_trained * s.num_inner_epochs)
-    return round(flops / seconds / (peak * 1e12), 4) if peak else None
 
 
 if __name__ == "__main__":

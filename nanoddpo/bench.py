@@ -44,8 +44,14 @@ from nanoddpo.lora import add_lora, lora_parameters
 from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer
 from nanoddpo.world import write_tokenizer
 
-# The RL loss is train.py's own (train.py holds all RL math); this is the one line to change if it moves.
-from train import PEAK_TFLOPS, policy_loss
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "RTX 4090": 165}  # dense bf16
+
+
+def policy_loss(*args):
+    """train.py's own RL loss (train.py holds all RL math), imported on use since train.py imports this file."""
+    from train import policy_loss
+    return policy_loss(*args)
+
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sd-v1-4"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,6 +271,23 @@ def unet_flops(unet, x, batch, device):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(x.x_t[:1].expand(batch, -1, -1, -1), x.t[:1].expand(batch), context)
     return counter.get_total_flops()
+
+
+def mfu(sd, num_steps, samples, steps_trained, seconds):
+    """Model-FLOPs utilisation of one GPU for train.py's metrics: UNet FLOPs over the card's dense bf16 peak. Sampling
+    is a forward of 2 (the guidance pair) per step, training forward + backward, counted as 3 forwards by convention;
+    the VAE and the text encoder are left out. None on a card not in PEAK_TFLOPS."""
+    if not hasattr(sd, "unet_flops"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(1, *sd.latent_shape, device=sd.device, dtype=sd.dtype)
+        ctx = torch.zeros(1, sd.max_length, sd.unet.cfg["cross_attention_dim"], device=sd.device, dtype=sd.dtype)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            sd.unet(x, torch.tensor([1], device=sd.device), ctx)
+        sd.unet_flops = counter.get_total_flops()  # one image, one step
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    flops = sd.unet_flops * 2 * samples * (num_steps + 3 * steps_trained)
+    return round(flops / seconds / (peak * 1e12), 4) if peak else None
 
 
 # -----------------------------------------------------------------------------
