@@ -54,6 +54,7 @@ def policy_loss(*args):
 
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sd-v1-4"
+PARTS = ("sample", "full", "lora", "epoch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS = types.SimpleNamespace(algo="ppo", clip_range=1e-4)  # what policy_loss reads: train.py's defaults
 
@@ -74,6 +75,8 @@ def parse_args(argv=None):
                    help="run the miniature epoch for the first variant only, every variant, or not at all")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per figure (after one warm-up); the median is kept")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    p.add_argument("--parts", default="sample,full,lora,epoch",
+                   help="comma list of what to time: sample, full (fine-tuning), lora, epoch (miniature, LoRA)")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--no-baseline", action="store_true", help="skip diffusers' UNet")
     p.add_argument("--out-dir", default="runs/bench")
@@ -89,9 +92,13 @@ def fill_defaults(a, cuda):
     a.num_steps = a.num_steps or (50 if cuda else 4)
     a.precisions = (a.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
     a.compile_modes = (a.compile_modes or ("eager,default,reduce-overhead,max-autotune" if cuda else "eager")).split(",")
+    a.parts = a.parts.split(",")
     bad = [p for p in a.precisions if p not in DTYPES]
     if bad:
         raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(DTYPES)}")
+    bad = [p for p in a.parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
     if a.trajectories % a.batch or a.trajectories % a.train_batch:
         raise ValueError(f"--trajectories {a.trajectories} must be a multiple of --batch and --train-batch")
     return a
@@ -282,7 +289,9 @@ def mfu(sd, num_steps, samples, steps_trained, seconds):
 
         x = torch.zeros(1, *sd.latent_shape, device=sd.device, dtype=sd.dtype)
         ctx = torch.zeros(1, sd.max_length, sd.unet.cfg["cross_attention_dim"], device=sd.device, dtype=sd.dtype)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        # under autocast as in training: half-precision weights meet the fp32 LoRA weights in one matmul
+        autocast = torch.autocast(sd.device.type, sd.dtype, enabled=sd.dtype != torch.float32)
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
             sd.unet(x, torch.tensor([1], device=sd.device), ctx)
         sd.unet_flops = counter.get_total_flops()  # one image, one step
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
@@ -367,7 +376,7 @@ def run(a, device):
         return autocast, ours, baseline
 
     # 1. No LoRA: sampling, and full fine-tuning of every UNet weight, without and with activation checkpointing.
-    for precision, mode in variants:
+    for precision, mode in variants if {"sample", "full"} & set(a.parts) else []:
         v = f"{precision}/{mode}"
         try:
             autocast, ours, baseline = callables(precision, mode)
@@ -376,9 +385,12 @@ def run(a, device):
             continue
         b2, t2 = 2 * a.batch, 2 * a.train_batch
         on_base = (lambda make: None) if base is None else (lambda make: make)
-        measure(table, a, device, f"sample: guided eps, UNet batch {b2}", v,
-                lambda: sampling_call(ours, ddim, x_sample, autocast),
-                on_base(lambda: sampling_call(baseline, ddim, x_sample, autocast)), b2, flops[0])
+        if "sample" in a.parts:
+            measure(table, a, device, f"sample: guided eps, UNet batch {b2}", v,
+                    lambda: sampling_call(ours, ddim, x_sample, autocast),
+                    on_base(lambda: sampling_call(baseline, ddim, x_sample, autocast)), b2, flops[0])
+        if "full" not in a.parts:
+            continue
         full = [list(m.parameters()) for m in (sd.unet, base) if m is not None]
         for m in (sd.unet, base):
             if m is not None:
@@ -405,6 +417,8 @@ def run(a, device):
             base.disable_gradient_checkpointing()
 
     # 2. LoRA (train.py's default on SD v1-4): the training call, then the miniature epoch.
+    if not {"lora", "epoch"} & set(a.parts):
+        return table.rows, sd
     torch.manual_seed(0)
     lora = [lora_parameters(add_lora(sd.unet, a.lora_rank))]
     if base is not None:
@@ -425,11 +439,12 @@ def run(a, device):
             table.add("variant", v, "s", None, None, error=first_line(e))
             continue
         t2 = 2 * a.train_batch
-        measure(table, a, device, f"train LoRA r{a.lora_rank}: fwd+bwd, UNet batch {t2}", v,
-                lambda: training_call(ours, ddim, x_train, lora[0], autocast),
-                None if base is None else (lambda: training_call(baseline, ddim, x_train, lora[1], autocast)), t2,
-                flops[1] and 3 * flops[1])
-        if a.epoch == "none" or (a.epoch == "first" and k > 0):
+        if "lora" in a.parts:
+            measure(table, a, device, f"train LoRA r{a.lora_rank}: fwd+bwd, UNet batch {t2}", v,
+                    lambda: training_call(ours, ddim, x_train, lora[0], autocast),
+                    None if base is None else (lambda: training_call(baseline, ddim, x_train, lora[1], autocast)), t2,
+                    flops[1] and 3 * flops[1])
+        if "epoch" not in a.parts or a.epoch == "none" or (a.epoch == "first" and k > 0):
             continue
         phases, peaks, errors = [], [], []
         for unet, params in ((ours, lora[0]), (baseline, lora[1] if base is not None else None)):

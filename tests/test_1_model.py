@@ -78,6 +78,24 @@ def test_vae_matches_diffusers(sd):
     assert out.min() >= 0 and out.max() <= 1 and out.shape == (2, 3, 16, 16)
 
 
+def test_decode_latents_in_chunks_of_one_sd_image(sd, monkeypatch):
+    """Large images decode in chunks of at most 512 x 512 pixels in all (the peak-memory fix), every image in order;
+    small ones in one batch, bit for bit as before. The VAE is replaced by a cheap stand-in that records its calls."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(sd.decode_latents(z), (sd.vae.decode(z / sd.scaling_factor) / 2 + 0.5).clamp(0, 1))
+    calls = []
+    monkeypatch.setattr(sd.vae, "decode", lambda x: calls.append(len(x)) or x[:, :3])
+    f = sd.image_size // sd.latent_shape[-1]
+    for side, chunks in ((512, [1] * 5), (320, [2, 2, 1]), (256, [4, 1]), (128, [5])):
+        calls.clear()
+        z = torch.randn(5, 4, side // f, side // f) * sd.scaling_factor
+        out = sd.decode_latents(z)
+        assert calls == chunks, side
+        assert torch.equal(out, (z[:, :3] / sd.scaling_factor / 2 + 0.5).clamp(0, 1))  # each image in its own place
+
+
 # --- loading: every published naming, every dtype ------------------------------------------------------------------
 
 def test_round_trip_is_exact(sd, tiny_model_dir, tmp_path):

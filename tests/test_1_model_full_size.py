@@ -84,7 +84,7 @@ def write_folder(root):
     model_bytes = sum(p.numel() * p.element_size() for p in sd.parameters())
     sd.save_pretrained(root)
     for name, *_ in COMPONENTS:
-        shutil.copyfile(REFERENCE / f"{name}_config.json", root / name / "config.json")
+        shutil.copyfile(CONFIGS / f"{name}_config.json", root / name / "config.json")
     return dict(model_bytes=model_bytes, start=start, **memory())
 
 

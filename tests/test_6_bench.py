@@ -77,9 +77,15 @@ def test_baseline_skipped_without_diffusers_and_out_of_memory_reported(tiny_mode
     assert all(row["baseline"] is None and row["ratio"] is None for row in record["rows"])
 
 
+def test_parts_time_only_what_is_asked(tiny_model_dir, tmp_path):
+    record = run_bench(tiny_model_dir, tmp_path, "--parts", "sample,lora", "--no-baseline")
+    assert [row["what"] for row in record["rows"]] == ["sample: guided eps, UNet batch 2", "train LoRA r4: fwd+bwd, UNet batch 2"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
     (["--precisions", "fp8"], "unknown precision 'fp8'"),
+    (["--parts", "sample,vae"], "unknown part 'vae'"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = subprocess.run([sys.executable, "-m", "nanoddpo.bench", "--device", "cpu", *args],

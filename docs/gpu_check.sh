@@ -1,0 +1,56 @@
+#!/bin/bash
+# The GPU figures of docs/RESULTS.md ("On a GPU"), in one go, about 9 minutes on one H100 / H200:
+#
+#   OUT=runs/gpu bash docs/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
+#
+# 1. python -m nanoddpo.bench, eager bf16: every UNet call against diffusers, and the miniature LoRA epoch
+#    (16 trajectories x 50 steps at 512 px), i.e. trajectories per hour and MFU;
+# 2. train.py itself at SD v1-4 size (random weights in the published layout, written to /tmp/sd-v1-4-random):
+#    bf16 eager at train batch 1 (the peak-memory target), bf16 + torch.compile at train batch 4 (the default CUDA
+#    path), fp16 + GradScaler;
+# 3. the bench's sampling call under torch.compile's default and reduce-overhead (CUDA graphs) modes.
+# Each stage has its own time limit, so one slow stage cannot eat the others; logs and JSON land in $OUT.
+# diffusers is optional: wheels in .whl/ are installed to /tmp/site first (for machines without a network).
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+DEADLINE=${DEADLINE:-570}  # seconds for the whole script
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit that also respects the overall deadline
+    local name=$1 limit=$2; shift 2
+    local left=$((DEADLINE - SECONDS - 5))
+    ((limit > left)) && limit=$left
+    if ((limit < 20)); then echo "== $name: skipped, out of time"; return; fi
+    echo "== $(date +%T) $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: exit $? after $SECONDS s"; tail -n 40 "$OUT/$name.log"
+}
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+# The random full-size folder for train.py, written on 4 CPU threads while the bench uses the GPU.
+SD=/tmp/sd-v1-4-random
+OMP_NUM_THREADS=4 python3 -c "import sys; sys.path[:0] = ['tests', '.']; import test_1_model_full_size as t; \
+print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1 &
+WRITER=$!
+
+stage bench_eager 170 python3 -m nanoddpo.bench --precisions bf16 --compile-modes eager --out-dir "$OUT"
+wait $WRITER; echo "folder written: $(tail -n 1 "$OUT/write_folder.log")"
+
+TRAIN="python3 train.py --preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100"
+stage train_bf16_tb1 100 $TRAIN --name tb1 --compile off --batch-size 8 --batches-per-epoch 1 --train-batch-size 1 \
+    --grad-accum 8 --epochs 2
+stage train_bf16_compile_tb4 200 $TRAIN --name compile --compile on --batch-size 8 --batches-per-epoch 2 \
+    --train-batch-size 4 --grad-accum 4 --epochs 2
+stage bench_compile_sample 120 python3 -m nanoddpo.bench --precisions bf16 --compile-modes default,reduce-overhead \
+    --parts sample --repeats 5 --out-dir "$OUT"
+stage train_fp16_tb4 70 $TRAIN --name fp16 --compile off --precision fp16 --batch-size 8 --batches-per-epoch 1 \
+    --train-batch-size 4 --grad-accum 2 --epochs 1
+for run in tb1 compile fp16; do
+    cp "/tmp/runs/$run/metrics.jsonl" "$OUT/metrics_$run.jsonl" 2> /dev/null && cat "$OUT/metrics_$run.jsonl"
+done
+echo "== done after $SECONDS s"
