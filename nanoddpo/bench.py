@@ -280,22 +280,28 @@ def unet_flops(unet, x, batch, device):
     return counter.get_total_flops()
 
 
-def mfu(sd, num_steps, samples, steps_trained, seconds):
-    """Model-FLOPs utilisation of one GPU for train.py's metrics: UNet FLOPs over the card's dense bf16 peak. Sampling
-    is a forward of 2 (the guidance pair) per step, training forward + backward, counted as 3 forwards by convention;
-    the VAE and the text encoder are left out. None on a card not in PEAK_TFLOPS."""
+def image_flops(sd):
+    """FLOPs of one UNet forward for one image at the model's latent size, from torch's FlopCounterMode, counted once
+    and kept on sd. Under autocast as in training: half-precision weights meet fp32 LoRA weights in one matmul."""
     if not hasattr(sd, "unet_flops"):
         from torch.utils.flop_counter import FlopCounterMode
 
         x = torch.zeros(1, *sd.latent_shape, device=sd.device, dtype=sd.dtype)
         ctx = torch.zeros(1, sd.max_length, sd.unet.cfg["cross_attention_dim"], device=sd.device, dtype=sd.dtype)
-        # under autocast as in training: half-precision weights meet the fp32 LoRA weights in one matmul
         autocast = torch.autocast(sd.device.type, sd.dtype, enabled=sd.dtype != torch.float32)
         with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
             sd.unet(x, torch.tensor([1], device=sd.device), ctx)
-        sd.unet_flops = counter.get_total_flops()  # one image, one step
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-    flops = sd.unet_flops * 2 * samples * (num_steps + 3 * steps_trained)
+        sd.unet_flops = counter.get_total_flops()
+    return sd.unet_flops
+
+
+def mfu(sd, num_steps, samples, steps_trained, seconds, device_name=None):
+    """Model-FLOPs utilisation of one GPU for train.py's metrics: UNet FLOPs over the card's dense bf16 peak. Sampling
+    is a forward of 2 (the guidance pair) per step, training forward + backward, counted as 3 forwards by convention;
+    the VAE and the text encoder are left out. None on a card not in PEAK_TFLOPS."""
+    name = device_name or torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    flops = image_flops(sd) * 2 * samples * (num_steps + 3 * steps_trained)
     return round(flops / seconds / (peak * 1e12), 4) if peak else None
 
 
@@ -370,7 +376,7 @@ def run(a, device):
 
     def callables(precision, mode):
         autocast = torch.autocast(device.type, DTYPES[precision]) if precision != "fp32" else nullcontext()
-        compiled = (lambda m: m) if mode == "eager" else (lambda m: torch.compile(m, mode=mode))
+        compiled = (lambda m: m) if mode == "eager" else (lambda m: torch.compile(m, mode=mode, dynamic=False))
         ours = compiled(sd.unet)
         baseline = None if base is None else baseline_callable(compiled(base))
         return autocast, ours, baseline

@@ -4,6 +4,7 @@ themselves are never asserted here: they belong to the bench, not to tests."""
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -94,3 +95,30 @@ def test_bad_input_is_one_clear_line(args, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"bench: error: {message}"), result.stderr
+
+
+def test_mfu_formula():
+    """UNet FLOPs x 2 (the guidance pair) x samples x (sampling steps + 3 x trained steps: forward + backward) over
+    seconds and the card's dense bf16 peak: 1e12 x 2 x 10 x (50 + 3 x 25) / 100 s = 2.5e13 FLOP/s, / 989e12 = 0.0253."""
+    sd = types.SimpleNamespace(unet_flops=1e12)
+    assert bench.mfu(sd, 50, 10, 25, 100.0, device_name="NVIDIA H100 80GB HBM3") == 0.0253
+    assert bench.mfu(sd, 50, 10, 25, 100.0, device_name="NVIDIA A100-SXM4-80GB") == round(2.5e13 / 312e12, 4)
+    assert bench.mfu(sd, 50, 10, 25, 100.0, device_name="Some Card") is None
+
+
+def test_flops_counted_for_half_precision_weights_with_fp32_lora(tiny_model_dir):
+    """train.py's CUDA path: bf16 / fp16 weights with fp32 LoRA adapters. Counting without autocast crashed there at
+    the end of the first epoch (seen on an H200); the count must not depend on the dtype."""
+    from nanoddpo.lora import add_lora
+    from nanoddpo.model import StableDiffusion
+
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        sd = StableDiffusion.from_pretrained(tiny_model_dir, dtype=dtype)
+        plain = bench.image_flops(sd)
+        del sd.unet_flops
+        torch.manual_seed(0)
+        add_lora(sd.unet, 4)
+        counts[dtype] = bench.image_flops(sd)
+        assert counts[dtype] > plain  # the adapters' matmuls are counted too
+    assert counts[torch.float32] == counts[torch.bfloat16]
