@@ -28,32 +28,41 @@ def read_curve(run):
     return xs, ys
 
 
-def plot(curves, title="", size=(720, 440)):
-    """curves: {label: (xs, ys)}. Returns a PIL image with axes, tick labels and a legend."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 30, 45
-    xs = [x for c in curves.values() for x in c[0]]
-    ys = [y for c in curves.values() for y in c[1]]
-    x0, x1 = 0, max(xs)
-    pad = (max(ys) - min(ys)) * 0.1 or 0.01
-    y0, y1 = min(ys) - pad, max(ys) + pad
+LEFT, RIGHT, TOP, BOTTOM = 70, 20, 30, 45  # margins around the plot area, in pixels
+
+
+def axes(size, x_range, y_range, x_format, x_label, title):
+    """A white image with a framed plot area, 5 ticks per axis, the x label and the title. Returns the image, its
+    drawing context and font, and px / py mapping data coordinates to pixels."""
+    (W, H), (x0, x1), (y0, y1) = size, x_range, y_range
+    left, right, top, bottom = LEFT, RIGHT, TOP, BOTTOM
     px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
     py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
     img = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(5):  # ticks
+    for i in range(5):
         x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        draw.text((px(x) - 10, H - bottom + 5), f"{x:.0f}", fill="black", font=font)
+        draw.text((px(x) - 12, H - bottom + 5), x_format.format(x), fill="black", font=font)
         draw.text((5, py(y) - 6), f"{y:.3f}", fill="black", font=font)
-    draw.text((W // 2 - 40, H - 18), "samples seen", fill="black", font=font)
-    draw.text((left, 8), title or "mean reward per epoch", fill="black", font=font)
+    draw.text((W // 2 - 3 * len(x_label), H - 18), x_label, fill="black", font=font)
+    draw.text((left, 8), title, fill="black", font=font)
+    return img, draw, font, px, py
+
+
+def plot(curves, title="", size=(720, 440)):
+    """curves: {label: (xs, ys)}. Returns a PIL image with axes, tick labels and a legend."""
+    xs = [x for c in curves.values() for x in c[0]]
+    ys = [y for c in curves.values() for y in c[1]]
+    pad = (max(ys) - min(ys)) * 0.1 or 0.01
+    img, draw, font, px, py = axes(size, (0, max(xs)), (min(ys) - pad, max(ys) + pad), "{:.0f}", "samples seen",
+                                   title or "mean reward per epoch")
     for k, (label, (cx, cy)) in enumerate(curves.items()):
         colour = COLOURS[k % len(COLOURS)]
         draw.line([(px(x), py(y)) for x, y in zip(cx, cy)], fill=colour, width=2)
         for x, y in zip(cx, cy):
             draw.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=colour)
-        draw.text((left + 10, top + 8 + 14 * k), label, fill=colour, font=font)
+        draw.text((LEFT + 10, TOP + 8 + 14 * k), label, fill=colour, font=font)
     return img
 
 
@@ -74,24 +83,12 @@ def read_tradeoff(scores_file):
 def tradeoff(points, title="", size=(560, 440)):
     """points: {label: (x, y, x_se, y_se)}, x the JPEG gain, y the faithfulness lost. A dot per point with +-1 SE bars,
     the origin (the base model) included in the axes."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 30, 45
     xs = [0] + [x + e * k for x, _, e, _ in points.values() for k in (-1, 1)]
     ys = [0] + [y + e * k for _, y, _, e in points.values() for k in (-1, 1)]
     xpad, ypad = (max(xs) - min(xs)) * 0.1 or 0.01, (max(ys) - min(ys)) * 0.1 or 0.01
-    x0, x1, y0, y1 = min(xs) - xpad, max(xs) + xpad, min(ys) - ypad, max(ys) + ypad
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
-    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
-    img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for i in range(5):  # ticks
-        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        draw.text((px(x) - 12, H - bottom + 5), f"{x:.3f}", fill="black", font=font)
-        draw.text((5, py(y) - 6), f"{y:.3f}", fill="black", font=font)
-    draw.text((W // 2 - 110, H - 18), "JPEG gain (kB smaller, paired)", fill="black", font=font)
-    draw.text((left, 8), title or "faithfulness lost (tinyworld reward drop, paired) against JPEG gain", fill="black",
-              font=font)
+    img, draw, font, px, py = axes(size, (min(xs) - xpad, max(xs) + xpad), (min(ys) - ypad, max(ys) + ypad), "{:.3f}",
+                                   "JPEG gain (kB smaller, paired)",
+                                   title or "faithfulness lost (tinyworld reward drop, paired) against JPEG gain")
     draw.ellipse([px(0) - 3, py(0) - 3, px(0) + 3, py(0) + 3], outline="black")
     draw.text((px(0) + 6, py(0) - 6), "base", fill="black", font=font)
     for k, (label, (x, y, x_se, y_se)) in enumerate(points.items()):
