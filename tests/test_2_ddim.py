@@ -66,12 +66,20 @@ def test_step_matches_diffusers():
     torch.manual_seed(0)
     x_t, eps, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in [981, 761, 21, 1]:
-        ours, _ = ddim.step(eps, t, x_t, eta=1.0, noise=noise)
-        theirs = scheduler.step(eps, t, x_t, eta=1.0, variance_noise=noise).prev_sample
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        for eta in (1.0, 0.5):  # sigma is linear in eta (DDIM eq. 16): eta 0.5 tells eta from eta**2
+            ours, _ = ddim.step(eps, t, x_t, eta=eta, noise=noise)
+            theirs = scheduler.step(eps, t, x_t, eta=eta, variance_noise=noise).prev_sample
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
         ours_deterministic, _ = ddim.step(eps, t, x_t, eta=0.0)
         theirs_deterministic = scheduler.step(eps, t, x_t, eta=0.0).prev_sample
         torch.testing.assert_close(ours_deterministic, theirs_deterministic, rtol=1e-5, atol=1e-6)
+
+
+def test_add_noise_matches_diffusers():
+    """The forward process RWR trains on: sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise, per-sample t."""
+    torch.manual_seed(0)
+    x0, noise, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.tensor([999, 500, 20, 0])
+    torch.testing.assert_close(DDIM(50).add_noise(x0, noise, t), diffusers_ddim(50).add_noise(x0, noise, t))
 
 
 @pytest.mark.parametrize("t", [981, 501, 21])

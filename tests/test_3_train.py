@@ -68,6 +68,36 @@ def test_clip_is_symmetric_at_its_edges():
     assert train.policy_loss(s, log_prob, torch.zeros(4), adv)[2] == 0.5
 
 
+def test_approx_kl_and_clipfrac():
+    # approx_kl = mean(log_ratio^2) / 2: log-ratios 0.1 and -0.2 give (0.01 + 0.04) / 2 / 2 = 0.0125. clipfrac counts
+    # ratios strictly outside 1 +- clip_range, as the authors' code does: a ratio exactly on the edge is inside.
+    s = settings(clip_range=1e-3)
+    approx_kl = train.policy_loss(s, torch.tensor([0.1, -0.2]), torch.zeros(2), torch.ones(2))[1]
+    assert approx_kl.item() == pytest.approx(0.0125, rel=1e-6)
+    log_prob = torch.tensor([0.25, -0.25])
+    edge = (log_prob.exp() - 1).abs()  # the exact float32 distances from 1 of the two ratios
+    clipfrac = lambda c: train.policy_loss(settings(clip_range=c), log_prob, torch.zeros(2), torch.ones(2))[2]
+    assert clipfrac(edge[0].item()) == 0  # 1.284 on the edge, 0.779 inside
+    assert clipfrac(edge[1].item()) == 0.5  # 1.284 outside, 0.779 on the edge
+
+
+def test_rwr_loss_weighs_each_sample_by_its_weight(tiny_model_dir):
+    # w_i * ||eps - noise||^2 averaged over the batch: linear in the weights, so the loss with weights (1, 1) is the
+    # sum of those with (1, 0) and (0, 1), and weight 2 doubles a sample's share. Same generator: same t and noise.
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    traj = sample(sd, ["a red cat", "cat"], seeds=[1, 2], num_steps=4, guidance_scale=5.0)
+    def loss(weights):
+        e = SimpleNamespace(latents=traj.latents, context=traj.context, negative_context=traj.negative_context,
+                            advantages=torch.tensor(weights))
+        with torch.no_grad():
+            return train.rwr_step_loss(settings(algo="rwr"), sd.unet, None, DDIM(4), e, torch.tensor([0, 1]), None,
+                                       torch.Generator().manual_seed(0))[0]
+    first, second = loss([1.0, 0.0]), loss([0.0, 1.0])
+    assert first != second
+    torch.testing.assert_close(loss([1.0, 1.0]), first + second)
+    torch.testing.assert_close(loss([2.0, 0.0]), 2 * first)
+
+
 def test_kl_to_base_weighs_only_in_the_penalty(tiny_model_dir):
     # --kl-coef 0 is the paper's DDPO: the loss is exactly policy_loss of the step's log-prob, bit for bit; with
     # c > 0 it adds c * KL(policy || base), computed from the base model's eps.
@@ -168,6 +198,32 @@ def test_per_prompt_stats_use_the_batch_until_min_count_then_the_buffer():
     assert np.allclose(adv[:2], (np.array([3, 4]) - 2.5) / (np.std([1, 2, 3, 4]) + 1e-6))
     tracker.advantages(["a"], np.array([5.0]))
     assert tracker.buffers["a"] == [2.0, 3.0, 4.0, 5.0]  # capped at buffer_size, oldest out
+
+
+def test_per_prompt_stats_switch_at_exactly_min_count():
+    tracker = train.PerPromptStatTracker(buffer_size=8, min_count=3)
+    rewards = np.array([1.0, 2.0, 4.0, 100.0])
+    adv = tracker.advantages(["a", "a", "a", "b"], rewards)  # "a" has exactly min_count rewards: its own buffer
+    assert np.allclose(adv[:3], (rewards[:3] - rewards[:3].mean()) / (rewards[:3].std() + 1e-6))
+    assert np.isclose(adv[3], (100.0 - rewards.mean()) / (rewards.std() + 1e-6))  # "b" has 1: the batch's
+
+
+def test_batch_advantages_are_z_scores():
+    rewards = np.array([1.0, 2.0, 3.0, 10.0])
+    adv = train.compute_advantages(settings(per_prompt_stats=False, adv_clip_max=100), None, ["p"] * 4, rewards)
+    assert np.allclose(adv, (rewards - 4.0) / (rewards.std() + 1e-6)) and np.isclose(adv.std(), 1.0, atol=1e-5)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path, tiny_model_dir, monkeypatch):
+    clip, seen = torch.nn.utils.clip_grad_norm_, []
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = clip(params, max_norm, *args, **kwargs)
+        seen.append((max_norm, torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()))
+        return total
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run(tmp_path, tiny_model_dir, name="clip", max_grad_norm=1e-3, epochs=1)
+    assert seen and all(max_norm == 1e-3 and norm <= 1e-3 * (1 + 1e-4) for max_norm, norm in seen)
 
 
 def test_advantages_are_clipped():
