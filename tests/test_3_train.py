@@ -322,10 +322,12 @@ def test_one_run_one_folder(tmp_path, tiny_model_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same settings and seed: the same run as the first
 
 
-def test_at_lr_0_the_stored_steps_score_as_sampled(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_at_lr_0_the_stored_steps_score_as_sampled(tmp_path, tiny_model_dir, eta):
     # Training recomputes each stored step's log-prob with the same guided eps (same guidance scale, same x_t -> x_prev)
-    # as sampling: with the weights frozen the ratio is 1, approx_kl ~0 and nothing is clipped, across inner epochs.
-    run_dir = run(tmp_path, tiny_model_dir, name="r", epochs=1, lr=0.0, num_inner_epochs=2, guidance_scale=7.0)
+    # and the same step density (same eta) as sampling: with the weights frozen the ratio is 1, approx_kl ~0 and
+    # nothing is clipped, across inner epochs.
+    run_dir = run(tmp_path, tiny_model_dir, name="r", epochs=1, lr=0.0, num_inner_epochs=2, guidance_scale=7.0, eta=eta)
     m = json.loads((run_dir / "metrics.jsonl").read_text())
     assert m["approx_kl"] < 1e-10 and m["clipfrac"] == 0 and m["kl_to_base"] == 0
 
@@ -347,6 +349,57 @@ def test_one_update_averages_over_batches_and_timesteps(tmp_path, tiny_model_dir
         bias = load_file(run_dir / "checkpoints" / f"step_{steps}" / "unet.safetensors")["conv_out.bias"]
         first = -1e3 * 1 / (1 + 1e3)  # Adam's first step with g = 1; later steps repeat it (m, v stay those of g = 1)
         assert torch.allclose(bias - base, torch.full_like(base, first * steps), rtol=1e-4), (fraction, accum)
+
+
+def test_each_sample_trains_on_its_own_advantage_and_random_steps(tmp_path, tiny_model_dir, monkeypatch):
+    # The reward is a function of the prompt, so each stored sample's advantage is known from the prompt it was sampled
+    # with: every (batch, step) the loss sees must carry the z-score of its own sample's reward. And each sample trains
+    # timestep_fraction of its steps, a random subset of its own, not the first ones.
+    (tmp_path / "by_prompt.py").write_text("import numpy as np\ndef score(images, prompts):\n"
+                                           "    return np.array([sum(map(ord, p)) % 97 for p in prompts], float)\n")
+    sampled, seen = [], []
+    real_sample = train.sample
+    def recording_sample(sd, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return real_sample(sd, prompts, *args, **kwargs)
+    def spy(s, unet, base_unet, ddim, e, rows, step, gen):
+        seen.append((rows.tolist(), e.advantages[rows].tolist(), step.tolist()))
+        zero = torch.zeros(())
+        return unet.conv_out.bias.sum() * 0, zero, zero
+    monkeypatch.setattr(train, "sample", recording_sample)
+    monkeypatch.setattr(train, "ddpo_step_loss", spy)
+    run(tmp_path, tiny_model_dir, name="r", epochs=1, num_steps=4, timestep_fraction=0.5, train_batch_size=2,
+        per_prompt_stats=False, adv_clip_max=100.0, reward=f"{tmp_path / 'by_prompt.py'}:score")
+    r = np.array([sum(map(ord, p)) % 97 for p in sampled], float)
+    z = (r - r.mean()) / (r.std() + 1e-6)
+    steps = {}
+    for rows, advantages, step in seen:
+        assert np.allclose(advantages, z[rows], atol=1e-5)
+        for row, k in zip(rows, step):
+            steps.setdefault(row, []).append(k)
+    assert sorted(steps) == list(range(len(sampled)))
+    assert all(len(set(k)) == len(k) == 2 for k in steps.values())  # half of 4 steps, each once
+    assert {frozenset(k) for k in steps.values()} != {frozenset({0, 1})}  # not always the first two
+    assert set().union(*steps.values()) == {0, 1, 2, 3}
+
+
+def test_kl_to_base_is_the_closed_form_at_the_sampled_states(tiny_model_dir):
+    # One random step per trajectory: KL(policy || base) of the step from latent j at timestep j, averaged.
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    traj = sample(sd, ["a red cat", "cat", "a dog", "dog"], seeds=[1, 2, 3, 4], num_steps=4, guidance_scale=5.0)
+    base = train.base_model(sd, sd.unet, False, torch.float32)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ddim, s = DDIM(4), settings(train_batch_size=4)
+    e = SimpleNamespace(latents=traj.latents, context=traj.context, negative_context=traj.negative_context)
+    kl = train.kl_to_base(s, sd.unet, base, ddim, e, torch.Generator().manual_seed(0))
+    step = torch.randint(4, (4,), generator=torch.Generator().manual_seed(0))  # the steps it drew
+    x_t, t = traj.latents[torch.arange(4), step], ddim.timesteps[step]
+    with torch.no_grad():
+        eps = guided_eps(sd.unet, x_t, t, traj.context, traj.negative_context, 5.0)
+        eps_base = guided_eps(base, x_t, t, traj.context, traj.negative_context, 5.0)
+    assert kl > 0 and kl == pytest.approx(ddim.kl(eps, eps_base, t, x_t).mean().item(), rel=1e-5)
 
 
 def test_your_own_reward_in_one_flag(tmp_path, tiny_model_dir):
