@@ -298,8 +298,8 @@ def rwr_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
 def kl_to_base(s, unet, base_unet, ddim, e, gen):
     """Mean per-step KL(policy || base) at the states the epoch sampled, one random step per trajectory: an unbiased
     estimate of the mean over all steps at 2 UNet calls per trajectory (about 8% of an epoch on the tiny preset)."""
-    kls = []
-    for rows in torch.arange(len(e.latents), device=e.latents.device).split(s.train_batch_size):
+    kls = []  # in sampling-sized batches: under torch.compile the UNet calls reuse the sampling graph
+    for rows in torch.arange(len(e.latents), device=e.latents.device).split(s.batch_size):
         step = torch.randint(ddim.num_steps, (len(rows),), generator=gen).to(rows.device)
         x_t, t, context = e.latents[rows, step], ddim.timesteps[step], e.context[rows]
         eps = guided_eps(unet, x_t, t, context, e.negative_context, s.guidance_scale)

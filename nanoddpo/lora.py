@@ -23,11 +23,10 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update; keeps `weight` and `bias` so the base keys stay as published."""
 
-    lora_on = True  # lora_off() switches the update off: the layer is then exactly the base nn.Linear
-
     def forward(self, x):
-        out = super().forward(x)
-        return out + self.lora_B(self.lora_A(x)) if self.lora_on else out
+        # lora_scale is 1, or 0 inside lora_off(): out + 0 is exactly the base nn.Linear. A tensor, not a Python flag,
+        # so that torch.compile reuses one graph for the policy and the base model instead of compiling each.
+        return super().forward(x) + self.lora_scale * self.lora_B(self.lora_A(x))
 
 
 def add_lora(unet, rank=4):
@@ -40,6 +39,7 @@ def add_lora(unet, rank=4):
             module.lora_B = nn.Linear(rank, module.out_features, bias=False, device=device)
             nn.init.normal_(module.lora_A.weight, std=1 / rank)
             nn.init.zeros_(module.lora_B.weight)
+            module.register_buffer("lora_scale", torch.ones((), device=device), persistent=False)
     return unet
 
 
@@ -48,13 +48,14 @@ def lora_off(unet):
     """Run the base model: inside this block every LoRA layer of `unet` computes W x alone. No copy of the UNet is
     made, and the output is bit for bit the published weights' output (what the KL to the base model needs)."""
     layers = [m for m in unet.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.lora_on = False
+    one = [m.lora_scale for m in layers]
+    for m in layers:  # a new tensor, not fill_(0): a graph being trained may have saved the 1 for its backward
+        m.lora_scale = torch.zeros_like(m.lora_scale)
     try:
         yield unet
     finally:
-        for m in layers:
-            del m.lora_on  # back to the class default, True
+        for m, scale in zip(layers, one):
+            m.lora_scale = scale
 
 
 def lora_parameters(unet):

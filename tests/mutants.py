@@ -90,7 +90,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py",
   "eps_base = guided_eps(base_unet, x_t, t, context, e.negative_context, s.guidance_scale)",
   "eps_base = guided_eps(unet, x_t, t, context, e.negative_context, s.guidance_scale)"),
- ("nanoddpo/lora.py", "            del m.lora_on  # back to the class default, True", "            pass"),
+ ("nanoddpo/lora.py", "            m.lora_scale = scale", "            pass"),
  ("train.py", "rows, perms[rows, j], gen)", "rows, perms[rows, 0], gen)"),
  ("train.py",
   "advantages = compute_advantages(s, tracker, list(all_prompts.flat), rewards).reshape",
