@@ -122,7 +122,7 @@ def guided_eps(unet, x_t, t, context, negative_context, guidance_scale):
     """
     batch = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device)
-    t_in = torch.cat([t, t]) if t.ndim == 1 else t
+    t_in = t.expand(batch).repeat(2)  # always (2B,): one call signature, so torch.compile builds one graph for all
     context_in = torch.cat([negative_context.expand(batch, -1, -1), context])  # (2B, 77, D): [uncond, cond]
     # The inputs take the context's dtype, so a half-precision model also runs without autocast (latents are stored
     # in float32); the guidance arithmetic is float32, as the difference eps_cond - eps_uncond cancels digits.

@@ -165,6 +165,32 @@ def test_lora_starts_at_the_base_and_switches_off_to_it(tiny_model_dir):
         assert not torch.allclose(sd.unet(x, t, ctx), base, atol=1e-4)  # and back on after the block
 
 
+def test_compiled_unet_shares_one_graph_between_sampling_the_kl_and_the_base(tiny_model_dir):
+    # train.py's sampling (one t), KL metric (a t per row) and base model (LoRA off) run one compiled graph: each more
+    # graph costs about 45 s of compiling at SD size. The graph must still see lora_off, not a folded-in constant.
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    add_lora(sd.unet, rank=2)
+    with torch.no_grad():
+        for p in lora_parameters(sd.unet):
+            p.add_(0.1 * torch.randn_like(p))
+    compiled = torch.compile(sd.unet, dynamic=False)
+    x, ctx, neg = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.randn(1, 77, 32)
+    t_one, t_rows = torch.tensor(981), torch.tensor([981, 21])
+    with torch.no_grad():
+        on = guided_eps(compiled, x, t_one, ctx, neg, 5.0)
+        rows = guided_eps(compiled, x, t_rows, ctx, neg, 5.0)
+        with lora_off(sd.unet):
+            off = guided_eps(compiled, x, t_rows, ctx, neg, 5.0)
+            off_eager = guided_eps(sd.unet, x, t_rows, ctx, neg, 5.0)
+        on_eager = guided_eps(sd.unet, x, t_rows, ctx, neg, 5.0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(on[0], rows[0], atol=1e-5) and torch.allclose(rows, on_eager, atol=1e-4)
+    assert torch.allclose(off, off_eager, atol=1e-4) and not torch.allclose(off, on_eager, atol=1e-3)
+
+
 def test_lora_on_sd_v1_4_trains_the_papers_797184_parameters():
     from nanoddpo.model import UNet
     cfg = json.loads((Path(__file__).parents[1] / "nanoddpo/configs/sd-v1-4/unet_config.json").read_text())
