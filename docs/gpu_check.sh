@@ -3,12 +3,12 @@
 #
 #   OUT=runs/gpu bash docs/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
 #
-# In order of what is still unknown (docs/RESULTS.md, "On a GPU"; the eager bench against diffusers is measured there,
-# `--parts epoch` re-takes it):
-# 1. the bench's sampling call under torch.compile's reduce-overhead mode (CUDA graphs) against the default mode,
-#    while the CPUs write random SD v1-4 weights in the published layout to /tmp/sd-v1-4-random;
-# 2. train.py at that size: bf16 eager at train batch 1 (peak memory after the chunked VAE decode; the target is 8 GB),
-#    then bf16 + torch.compile at train batch 4 (the default CUDA path; epoch 1 is the compiled throughput).
+# In order of what is still unknown (docs/RESULTS.md, "On a GPU" and "Compiled train.py and CUDA graphs"):
+# 1. the bench's LoRA training call compiled, default mode against reduce-overhead (CUDA graphs), while the CPUs write
+#    random SD v1-4 weights in the published layout to /tmp/sd-v1-4-random;
+# 2. train.py at that size with the sd14 defaults (bf16, compiled, sampling batch 16, train batch 8): epoch 0 should
+#    now compile two UNet graphs, not three; epoch 1 is the throughput (3,726 trajectories/hour before);
+# 3. the same with inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1), then with train batch 16.
 # Each stage has its own time limit, so one slow stage cannot eat the others; logs and JSON land in $OUT.
 # diffusers is optional: wheels in .whl/ are installed to /tmp/site first (the lent machines have no network).
 # RESULTS.md names the commit of this script that produced each figure.
@@ -39,16 +39,16 @@ OMP_NUM_THREADS=4 python3 -c "import sys; sys.path[:0] = ['tests', '.']; import 
 print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1 &
 WRITER=$!
 
-stage bench_compile_sample 170 python3 -m nanoddpo.bench --precisions bf16 --compile-modes default,reduce-overhead \
-    --parts sample --repeats 5 --no-baseline --out-dir "$OUT"
+stage bench_compile_lora 150 python3 -m nanoddpo.bench --precisions bf16 --compile-modes default,reduce-overhead \
+    --parts lora --repeats 5 --no-baseline --out-dir "$OUT"
 wait $WRITER; echo "folder written: $(tail -n 1 "$OUT/write_folder.log")"
 
-TRAIN="python3 train.py --preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100"
-stage train_bf16_tb1 90 $TRAIN --name tb1 --compile off --batch-size 8 --batches-per-epoch 1 --train-batch-size 1 \
-    --grad-accum 8 --epochs 1
-stage train_bf16_compile_tb4 400 $TRAIN --name compile --compile on --batch-size 8 --batches-per-epoch 2 \
-    --train-batch-size 4 --grad-accum 4 --epochs 2
-for run in tb1 compile; do
+TRAIN="python3 train.py --preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 \
+    --batches-per-epoch 1 --epochs 2"
+stage train_sd14 200 $TRAIN --name sd14
+stage train_sd14_cudagraphs 200 env TORCHINDUCTOR_CUDAGRAPHS=1 $TRAIN --name cudagraphs
+stage train_sd14_tb16 200 $TRAIN --name tb16 --train-batch-size 16 --grad-accum 1
+for run in sd14 cudagraphs tb16; do
     cp "/tmp/runs/$run/metrics.jsonl" "$OUT/metrics_$run.jsonl" 2> /dev/null && cat "$OUT/metrics_$run.jsonl"
 done
 echo "== done after $SECONDS s"
