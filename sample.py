@@ -42,6 +42,8 @@ parser.add_argument("--reward", nargs="+", help=f"score every image with each of
 parser.add_argument("--scores", help="also write every image's scores to this JSON file")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
 parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+parser.add_argument("--batch-size", type=number(int), default=8, help="images per sampling batch (the images do not "
+                    "depend on it: each has its own seed)")
 
 
 def trained_steps(ckpts):
@@ -56,6 +58,7 @@ def main(args):
     need(args.guidance >= 0, "guidance", args.guidance, "must be 0 or more (1 is no guidance)")
     need(args.per_prompt >= 1, "per_prompt", args.per_prompt, "must be at least 1")
     need(all(seed >= 0 for seed in args.seeds or []), "seeds", args.seeds, "must be 0 or more")
+    need(args.batch_size >= 1, "batch_size", args.batch_size, "must be at least 1")
     check_device(args.device)
     args.model = str(resolve_model(args.model))
     print(f"base model: {args.model}")
@@ -84,8 +87,10 @@ def main(args):
         sd.unet = copy.deepcopy(base_unet)
         if ckpt != "base":
             apply_checkpoint(sd, ckpt)  # refuses a checkpoint of another base model
-        images = to_uint8(sample(sd, column_prompts, column_seeds, num_steps=args.steps, guidance_scale=args.guidance,
-                                 autocast=autocast).images)
+        images = np.concatenate([to_uint8(sample(sd, column_prompts[i:i + args.batch_size],
+                                                 column_seeds[i:i + args.batch_size], num_steps=args.steps,
+                                                 guidance_scale=args.guidance, autocast=autocast).images)
+                                 for i in range(0, len(column_prompts), args.batch_size)])
         rows.append(list(images))
         for name, reward_fn in reward_fns.items():
             r = scores.setdefault(name, {})[ckpt] = reward_fn(images, column_prompts).astype(np.float64)
@@ -107,4 +112,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run("sample.py", lambda: main(parser.parse_args()))
+    run("sample.py", lambda: main(parser.parse_args()), out_of_memory="lower --batch-size")

@@ -498,4 +498,6 @@ def main(s, resume_ckpt=None):
 
 
 if __name__ == "__main__":
-    cli.run("train.py", lambda: main(*parse_settings()))
+    cli.run("train.py", lambda: main(*parse_settings()), out_of_memory="halve --train-batch-size and double "
+            "--grad-accum (the same updates), or lower --batch-size; SD v1-4 trains in about 4.3 GB with --batch-size 8 "
+            "--train-batch-size 1. Add --resume <run folder> to go on from its last checkpoint")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from nanoddpo.cli import first_line, is_out_of_memory
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_parameters
 from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer
@@ -146,13 +147,8 @@ def baseline_callable(base):
 # Measuring
 
 
-def first_line(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
-
-
 def why_failed(e, a, unet_batch):
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e):
+    if is_out_of_memory(e) or "out of memory" in str(e):
         return f"out of memory at {a.latent} x {a.latent} latents, UNet batch {unet_batch}"
     return first_line(e)
 
@@ -478,7 +474,9 @@ def main(argv=None):
         rows, _ = run(a, device)
     except (LoadError, ValueError) as e:
         sys.exit(f"bench: error: {e}")
-    except (torch.OutOfMemoryError, MemoryError) as e:
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
         sys.exit(f"bench: error: out of memory building SD v1-4 at {a.latent} x {a.latent} latents ({first_line(e)})")
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,11 +71,27 @@ def settings_parser(cls, presets, description):
     return parser
 
 
-def run(prog, main):
-    """Run main(); input the user can fix ends in one line on stderr and exit code 1."""
+def is_out_of_memory(e):
+    """A GPU's OutOfMemoryError, Python's MemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    import torch
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+
+
+def run(prog, main, out_of_memory="use smaller batches"):
+    """Run main(); input the user can fix ends in one line on stderr and exit code 1, and so does running out of
+    memory, with `out_of_memory` saying what to lower."""
     from nanoddpo.model import LoadError
 
     try:
         return main()
     except (UsageError, LoadError) as e:
         sys.exit(f"{prog}: error: {e}")
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        sys.exit(f"{prog}: error: out of memory ({first_line(e)}): {out_of_memory}")

@@ -517,6 +517,19 @@ def test_bad_settings_fail_in_one_line(args, message, command_line):
     assert err.strip().count("\n") == 0 and err.startswith("train.py: error: ")
 
 
+def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, command_line, monkeypatch):
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity\n...")
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", too_big)
+    status, err = command_line("train.py", ["--out-dir", tmp_path])
+    assert status == 1 and err.strip().count("\n") == 0, err
+    assert err.startswith("train.py: error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                          "20.00 GiB. GPU 0 has a total capacity): halve --train-batch-size and double --grad-accum")
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        command_line("train.py", ["--out-dir", tmp_path / "bug"])
+
+
 def test_bad_prompts_fail_before_the_model_loads(tmp_path, command_line, monkeypatch):
     monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     files = {"dict.json": '{"a": "red cat"}', "numbers.json": "[1, 2]", "empty.txt": "\n  \n"}

@@ -99,6 +99,19 @@ def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
         assert not np.array_equal(cell(png, 0, column, False), cell(png, 2, column, False))  # a run = its latest
 
 
+def test_images_do_not_depend_on_the_batch_size(workdir, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    script = load_sample_script()
+    grids = []
+    for batch in ("1", "4", "8"):  # 6 images: 6 batches of 1, a batch of 4 and one of 2, one batch of 6
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base",
+                                              "--prompts", "a cat", "a dog", "a red cat", "--per-prompt", "2",
+                                              "--batch-size", batch, "--out", f"batch{batch}.png"]))
+        grids.append(np.asarray(Image.open(workdir / f"batch{batch}.png")).astype(int))
+    assert grids[0].shape == (LINE + CELL, LEFT + 6 * CELL, 3)
+    assert all(np.abs(g - grids[0]).max() <= 1 and (g != grids[0]).mean() < 1e-3 for g in grids[1:])  # float rounding
+
+
 def test_steps_default_to_the_checkpoints_training_steps(tmp_path):
     script = load_sample_script()
     for name, steps in [("a", 10), ("b", 10), ("c", 20)]:
@@ -126,6 +139,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
     (["--steps", "many"], "--steps: many: expected a whole number"),
     (["--guidance", "-1"], "--guidance -1.0: must be 0 or more"),
     (["--per-prompt", "0"], "--per-prompt 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--seeds", "3", "-1"], "--seeds [3, -1]: must be 0 or more"),
     (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:9"], "--device cuda:9: no such GPU"),
