@@ -370,8 +370,8 @@ def main(s, resume_ckpt=None):
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay,
                                   eps=s.adam_eps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    # The compiled callable runs; sd.unet is what we save. A static graph per batch size (sampling, KL, training):
-    # 20% faster than torch's dynamic-batch recompile, in epoch and compile time (docs/RESULTS.md).
+    # The compiled callable runs; sd.unet is what we save. A static graph per batch size (sampling and the KL metric,
+    # training): 20% faster than torch's dynamic-batch recompile, in epoch and compile time (docs/RESULTS.md).
     unet = torch.compile(sd.unet, dynamic=False) if use_compile else sd.unet
     base_unet = base_model(sd, unet, s.lora, compute_dtype)  # before resuming: the base is the published weights
     tracker = PerPromptStatTracker(s.stat_buffer, s.stat_min_count)
