@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from nanoddpo import cli
-from nanoddpo.bench import mfu
+from nanoddpo.bench import image_flops, mfu
 from nanoddpo.checkpoint import checkpoints_of, forget_after, resume, save_checkpoint, start_run
 from nanoddpo.cli import UsageError, settings_parser
 from nanoddpo.distributed import Ranks
@@ -474,7 +474,8 @@ def main(s, resume_ckpt=None):
                 m["faithfulness"] = float(np.concatenate([c.result() for c in checks]).mean())
             if cuda:
                 m["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                m["mfu"] = mfu(sd, s.num_steps, d.local_samples, d.timesteps * d.inner_epochs, t_sample + t_train)
+                m["mfu"] = mfu(image_flops(sd), image_flops(sd, train=True), s.num_steps, d.local_samples,
+                               d.timesteps * d.inner_epochs, t_sample + t_train)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
             write_answers(reward_fn, run_dir / "answers.jsonl", epoch)  # what LLaVA said, for the alignment reward

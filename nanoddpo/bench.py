@@ -266,28 +266,43 @@ def miniature_epoch(sd, unet, params, a, autocast, device):
     return dict(sample=t_sample, decode=t_decode, train=t_train)
 
 
-def image_flops(sd):
-    """FLOPs of one UNet forward for one image at the model's latent size, from torch's FlopCounterMode, counted once
-    and kept on sd. Under autocast as in training: half-precision weights meet fp32 LoRA weights in one matmul."""
+def image_flops(sd, train=False):
+    """FLOPs of one UNet call for one image at the model's latent size, from torch's FlopCounterMode: the forward, or
+    with train=True the forward plus the backward to the UNet's trainable weights. Full fine-tuning's backward is about
+    2x the forward; LoRA's about 1.1x (at SD v1-4 size the total is 2.13x), as no frozen weight gets a gradient.
+    Counted once per kind and set of weights, kept on sd. Under autocast as in training: half-precision weights meet
+    fp32 LoRA weights in one matmul. Model FLOPs: a checkpointed forward's recomputation is not counted."""
+    trainable = [p for p in sd.unet.parameters() if p.requires_grad]
+    key = (train, sum(p.numel() for p in sd.unet.parameters()), sum(p.numel() for p in trainable))
     if not hasattr(sd, "unet_flops"):
+        sd.unet_flops = {}
+    if key not in sd.unet_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
+        if train and not trainable:
+            raise ValueError("image_flops(train=True): the UNet has no trainable weights")
         x = torch.zeros(1, *sd.latent_shape, device=sd.device, dtype=sd.dtype)
         ctx = torch.zeros(1, sd.max_length, sd.unet.cfg["cross_attention_dim"], device=sd.device, dtype=sd.dtype)
-        autocast = torch.autocast(sd.device.type, sd.dtype, enabled=sd.dtype != torch.float32)
-        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast:
-            sd.unet(x, torch.tensor([1], device=sd.device), ctx)
-        sd.unet_flops = counter.get_total_flops()
-    return sd.unet_flops
+        autocast = torch.autocast(sd.device.type, sd.dtype) if sd.dtype != torch.float32 else nullcontext()
+        checkpointing, sd.unet.grad_checkpoint = sd.unet.grad_checkpoint, False
+        try:
+            with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train), autocast:
+                eps = sd.unet(x, torch.tensor([1], device=sd.device), ctx)
+                if train:  # autograd.grad, not backward(): nothing lands in the weights' .grad
+                    torch.autograd.grad(eps.float().sum(), trainable)
+        finally:
+            sd.unet.grad_checkpoint = checkpointing
+        sd.unet_flops[key] = counter.get_total_flops()
+    return sd.unet_flops[key]
 
 
-def mfu(sd, num_steps, samples, steps_trained, seconds, device_name=None):
-    """Model-FLOPs utilisation of one GPU for train.py's metrics: UNet FLOPs over the card's dense bf16 peak. Sampling
-    is a forward of 2 (the guidance pair) per step, training forward + backward, counted as 3 forwards by convention;
-    the VAE and the text encoder are left out. None on a card not in PEAK_TFLOPS."""
+def mfu(forward_flops, train_flops, num_steps, samples, steps_trained, seconds, device_name=None):
+    """Model-FLOPs utilisation of one GPU for train.py's metrics: UNet FLOPs over the card's dense bf16 peak. Per
+    sample, sampling is num_steps forwards and training steps_trained forward + backward calls (image_flops), each of
+    the guidance pair (x2); the VAE and the text encoder are left out. None on a card not in PEAK_TFLOPS."""
     name = device_name or torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    flops = image_flops(sd) * 2 * samples * (num_steps + 3 * steps_trained)
+    flops = 2 * samples * (forward_flops * num_steps + train_flops * steps_trained)
     return round(flops / seconds / (peak * 1e12), 4) if peak else None
 
 
@@ -387,20 +402,21 @@ def run(a, device):
         for m in (sd.unet, base):
             if m is not None:
                 m.requires_grad_(True)
+        full_flops = image_flops(sd, train=True) * t2 if cuda else None
         measure(table, a, device, f"train full: forward, UNet batch {t2}", v,
                 lambda: training_call(ours, ddim, x_train, full[0], autocast, backward=False),
                 on_base(lambda: training_call(baseline, ddim, x_train, full[1], autocast, backward=False)), t2, flops[1])
         measure(table, a, device, f"train full: fwd+bwd, UNet batch {t2}", v,
                 lambda: training_call(ours, ddim, x_train, full[0], autocast),
                 on_base(lambda: training_call(baseline, ddim, x_train, full[1], autocast)), t2,
-                flops[1] and 3 * flops[1])
+                full_flops)
         sd.unet.grad_checkpoint = True
         if base is not None:
             base.enable_gradient_checkpointing()
         measure(table, a, device, f"train full +grad ckpt: fwd+bwd, batch {t2}", v,
                 lambda: training_call(ours, ddim, x_train, full[0], autocast),
                 on_base(lambda: training_call(baseline, ddim, x_train, full[1], autocast)), t2,
-                flops[1] and 3 * flops[1])
+                full_flops)
         sd.unet.grad_checkpoint = False
         for m in (sd.unet, base):
             if m is not None:
@@ -413,6 +429,8 @@ def run(a, device):
         return table.rows, sd
     torch.manual_seed(0)
     lora = [lora_parameters(add_lora(sd.unet, a.lora_rank))]
+    lora_flops = (None, None) if not cuda else (image_flops(sd) * 2 * a.batch,
+                                                image_flops(sd, train=True) * 2 * a.train_batch)
     if base is not None:
         try:
             from peft import LoraConfig
@@ -435,7 +453,7 @@ def run(a, device):
             measure(table, a, device, f"train LoRA r{a.lora_rank}: fwd+bwd, UNet batch {t2}", v,
                     lambda: training_call(ours, ddim, x_train, lora[0], autocast),
                     None if base is None else (lambda: training_call(baseline, ddim, x_train, lora[1], autocast)), t2,
-                    flops[1] and 3 * flops[1])
+                    lora_flops[1])
         if "epoch" not in a.parts or a.epoch == "none" or (a.epoch == "first" and k > 0):
             continue
         phases, peaks, errors = [], [], []
@@ -452,7 +470,7 @@ def run(a, device):
         error = "; ".join(errors) or None
         get = lambda i, key: phases[i][key] if phases[i] else None
         n, steps = a.trajectories, a.num_steps
-        epoch_flops = (flops[0] or 0) * steps * n / a.batch + 3 * (flops[1] or 0) * steps * n / a.train_batch
+        epoch_flops = cuda and (lora_flops[0] * steps * n / a.batch + lora_flops[1] * steps * n / a.train_batch)
         table.add(f"epoch LoRA: sample {n} traj x {steps} steps", v, "s", get(0, "sample"), get(1, "sample"),
                   peaks, error=error)
         table.add("epoch LoRA:   of which VAE decode", v, "s", get(0, "decode"), get(1, "decode"))

@@ -5,11 +5,14 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanoddpo import bench
+from nanoddpo.lora import add_lora
+from nanoddpo.model import UNet
 
 FIELDS = {"what", "variant", "unit", "ours", "baseline", "ratio", "ours_peak_gb", "baseline_peak_gb", "mfu_ours",
           "mfu_baseline", "error"}
@@ -98,12 +101,34 @@ def test_bad_input_is_one_clear_line(args, message):
 
 
 def test_mfu_formula():
-    """UNet FLOPs x 2 (the guidance pair) x samples x (sampling steps + 3 x trained steps: forward + backward) over
-    seconds and the card's dense bf16 peak: 1e12 x 2 x 10 x (50 + 3 x 25) / 100 s = 2.5e13 FLOP/s, / 989e12 = 0.0253."""
-    sd = types.SimpleNamespace(unet_flops=1e12)
-    assert bench.mfu(sd, 50, 10, 25, 100.0, device_name="NVIDIA H100 80GB HBM3") == 0.0253
-    assert bench.mfu(sd, 50, 10, 25, 100.0, device_name="NVIDIA A100-SXM4-80GB") == round(2.5e13 / 312e12, 4)
-    assert bench.mfu(sd, 50, 10, 25, 100.0, device_name="Some Card") is None
+    """2 (the guidance pair) x samples x (forward FLOPs x sampling steps + train FLOPs x trained steps) over seconds and
+    the card's dense bf16 peak: 2 x 10 x (1e12 x 50 + 2.13e12 x 25) / 100 s = 2.065e13 FLOP/s, / 989e12 = 0.0209."""
+    assert bench.mfu(1e12, 2.13e12, 50, 10, 25, 100.0, device_name="NVIDIA H100 80GB HBM3") == 0.0209
+    assert bench.mfu(1e12, 2.13e12, 50, 10, 25, 100.0, device_name="NVIDIA A100-SXM4-80GB") == round(2.065e13 / 312e12, 4)
+    assert bench.mfu(1e12, 2.13e12, 50, 10, 25, 100.0, device_name="Some Card") is None
+
+
+def test_training_flops_are_the_backward_that_runs():
+    """SD v1-4 at 512 px, counted on meta tensors (shapes only, a few seconds): a forward is 0.803 TFLOP; full
+    fine-tuning's forward + backward 3.0x that (input and weight gradients); LoRA's only 2.13x, since no frozen weight
+    gets a gradient. Counting LoRA as 3 forwards overstated its MFU by 40%."""
+    cfg = json.loads((Path(__file__).parents[1] / "nanoddpo/configs/sd-v1-4/unet_config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet(cfg).requires_grad_(False)
+    sd = types.SimpleNamespace(unet=unet, latent_shape=(4, 64, 64), max_length=77, device=torch.device("meta"),
+                               dtype=torch.float32)
+    forward = bench.image_flops(sd)
+    assert forward == pytest.approx(0.8033e12, rel=1e-4)
+    unet.requires_grad_(True)
+    unet.grad_checkpoint = True  # model FLOPs: the recomputed forward is not counted
+    assert bench.image_flops(sd, train=True) / forward == pytest.approx(2.996, abs=1e-3)
+    assert unet.grad_checkpoint and all(p.grad is None for p in unet.parameters())
+    unet.requires_grad_(False)
+    add_lora(unet, 4)
+    assert bench.image_flops(sd, train=True) / bench.image_flops(sd) == pytest.approx(2.131, abs=1e-3)
+    unet.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable weights"):
+        bench.image_flops(sd, train=True)
 
 
 def test_flops_counted_for_half_precision_weights_with_fp32_lora(tiny_model_dir):
