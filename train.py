@@ -120,7 +120,7 @@ PRESETS = {
                  stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4),
     # SD v1-4 with LoRA on one GPU: the paper's 256 samples per epoch and 4 optimizer steps per epoch via accumulation.
     # Batches of 16 and 8 rather than the authors' 8 and 4: the same updates, 1.21x the trajectories per hour on an H200
-    # (compiled), 12.3 GB peak. `--batch-size 8 --train-batch-size 1 --grad-accum 64` fits 4.3 GB (docs/RESULTS.md).
+    # (compiled), 12.3 GB peak; --batch-size 8 --batches-per-epoch 32 --train-batch-size 1 --grad-accum 64: 4.3 GB.
     "sd14": dict(num_steps=50, batch_size=16, batches_per_epoch=16, train_batch_size=8, grad_accum=8, epochs=100,
                  lora=True, lr=3e-4),
 }
@@ -500,5 +500,6 @@ def main(s, resume_ckpt=None):
 
 if __name__ == "__main__":
     cli.run("train.py", lambda: main(*parse_settings()), out_of_memory="halve --train-batch-size and double "
-            "--grad-accum (the same updates), or lower --batch-size; SD v1-4 trains in about 4.3 GB with --batch-size 8 "
-            "--train-batch-size 1. Add --resume <run folder> to go on from its last checkpoint")
+            "--grad-accum, or halve --batch-size and double --batches-per-epoch (the same updates either way); "
+            "SD v1-4 trains in about 4.3 GB at --batch-size 8 --train-batch-size 1. Add --resume <run folder> to go "
+            "on from its last checkpoint")
