@@ -18,7 +18,8 @@ Each figure is printed as ours, the baseline (diffusers' UNet2DConditionModel wi
 weight tensors; LoRA through diffusers + peft) and ours / baseline. Variants: precisions (fp32 weights, bf16 / fp16 by
 autocast) x compile modes; a variant that fails prints why and the bench goes on. Results: runs/bench/<time>.json.
 
-Sizes: on CUDA 64 x 64 latents (512 px), sampling batch 8, train batch 4, 50 steps, every precision and compile mode.
+Sizes: on CUDA 64 x 64 latents (512 px), sampling batch 16 and train batch 8 as train.py's sd14 preset, 50 steps,
+every precision and compile mode.
 On CPU 16 x 16 latents (128 px), batch 1 (UNet batch 2), 2 trajectories of 4 DDIM steps, fp32 eager only: about
 5 minutes on 2 idle cores (--precisions fp32,bf16,fp16 and --compile-modes eager,default add variants, slowly).
 
@@ -65,8 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="", help="a model folder; default: SD v1-4 at full size, random weights")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     p.add_argument("--latent", type=int, default=0, help="latent side; 0 = 64 on CUDA (512 px), 16 on CPU (128 px)")
-    p.add_argument("--batch", type=int, default=0, help="trajectories per sampling batch B (UNet batch 2B); 0 = 8 CUDA, 1 CPU")
-    p.add_argument("--train-batch", type=int, default=0, help="trajectories per train step (UNet batch x2); 0 = 4 CUDA, 1 CPU")
+    p.add_argument("--batch", type=int, default=0, help="trajectories per sampling batch B (UNet batch 2B); 0 = 16 CUDA "
+                   "(train.py's sd14), 1 CPU")
+    p.add_argument("--train-batch", type=int, default=0, help="trajectories per train step (UNet batch x2); 0 = 8 CUDA "
+                   "(train.py's sd14), 1 CPU")
     p.add_argument("--trajectories", type=int, default=0, help="N of the miniature epoch; 0 = 2 x --batch")
     p.add_argument("--num-steps", type=int, default=0, help="DDIM steps of the miniature epoch; 0 = 50 on CUDA, 4 on CPU")
     p.add_argument("--precisions", default="", help="comma list of fp32,bf16,fp16; default all on CUDA, fp32 on CPU")
@@ -87,8 +90,8 @@ def parse_args(argv=None):
 def fill_defaults(a, cuda):
     """Device-dependent defaults, resolved once the device is known."""
     a.latent = a.latent or (64 if cuda else 16)
-    a.batch = a.batch or (8 if cuda else 1)
-    a.train_batch = a.train_batch or (4 if cuda else 1)
+    a.batch = a.batch or (16 if cuda else 1)
+    a.train_batch = a.train_batch or (8 if cuda else 1)
     a.trajectories = a.trajectories or 2 * a.batch
     a.num_steps = a.num_steps or (50 if cuda else 4)
     a.precisions = (a.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
