@@ -40,6 +40,7 @@ def add_lora(unet, rank=4):
             nn.init.normal_(module.lora_A.weight, std=1 / rank)
             nn.init.zeros_(module.lora_B.weight)
             module.register_buffer("lora_scale", torch.ones((), device=device), persistent=False)
+            module.register_buffer("lora_zero", torch.zeros((), device=device), persistent=False)
     return unet
 
 
@@ -49,8 +50,8 @@ def lora_off(unet):
     made, and the output is bit for bit the published weights' output (what the KL to the base model needs)."""
     layers = [m for m in unet.modules() if isinstance(m, LoRALinear)]
     one = [m.lora_scale for m in layers]
-    for m in layers:  # a new tensor, not fill_(0): a graph being trained may have saved the 1 for its backward
-        m.lora_scale = torch.zeros_like(m.lora_scale)
+    for m in layers:  # another tensor, not fill_(0): a graph being trained may have saved the 1 for its backward;
+        m.lora_scale = m.lora_zero  # always the same one, so CUDA graphs see two fixed addresses, not a new one each time
     try:
         yield unet
     finally:

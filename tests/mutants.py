@@ -91,7 +91,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "eps_base = guided_eps(base_unet, x_t, t, context, e.negative_context, s.guidance_scale)",
   "eps_base = guided_eps(unet, x_t, t, context, e.negative_context, s.guidance_scale)"),
  ("nanoddpo/lora.py", "            m.lora_scale = scale", "            pass"),
- ("nanoddpo/lora.py", "m.lora_scale = torch.zeros_like(m.lora_scale)", "m.lora_scale = torch.ones_like(m.lora_scale)"),
+ ("nanoddpo/lora.py", "m.lora_scale = m.lora_zero", "m.lora_scale = m.lora_scale"),
  ("nanoddpo/ddim.py", "t_in = t.expand(batch).repeat(2)", "t_in = t.expand(batch).repeat_interleave(2)"),
  ("train.py", "rows, perms[rows, j], gen)", "rows, perms[rows, 0], gen)"),
  ("train.py",
