@@ -51,7 +51,7 @@ def lora_off(unet):
     layers = [m for m in unet.modules() if isinstance(m, LoRALinear)]
     one = [m.lora_scale for m in layers]
     for m in layers:  # another tensor, not fill_(0): a graph being trained may have saved the 1 for its backward;
-        m.lora_scale = m.lora_zero  # always the same one, so CUDA graphs see two fixed addresses, not a new one each time
+        m.lora_scale = m.lora_zero  # always the same one: CUDA graphs see two fixed addresses, not a new one per call
     try:
         yield unet
     finally:
