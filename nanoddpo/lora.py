@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -25,8 +26,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         # lora_scale is 1, or 0 inside lora_off(): out + 0 is exactly the base nn.Linear. A tensor, not a Python flag,
-        # so that torch.compile reuses one graph for the policy and the base model instead of compiling each.
-        return super().forward(x) + self.lora_scale * self.lora_B(self.lora_A(x))
+        # so that torch.compile reuses one graph for the policy and the base model instead of compiling each. It scales
+        # B (out x rank), not the (tokens x out) activation: no extra pass over the activations on the hot path.
+        return super().forward(x) + F.linear(self.lora_A(x), self.lora_scale * self.lora_B.weight)
 
 
 def add_lora(unet, rank=4):
