@@ -151,7 +151,7 @@ def baseline_callable(base):
 
 
 def why_failed(e, a, unet_batch):
-    if is_out_of_memory(e) or "out of memory" in str(e):
+    if is_out_of_memory(e):
         return f"out of memory at {a.latent} x {a.latent} latents, UNet batch {unet_batch}"
     return first_line(e)
 

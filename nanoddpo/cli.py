@@ -72,9 +72,11 @@ def settings_parser(cls, presets, description):
 
 
 def is_out_of_memory(e):
-    """A GPU's OutOfMemoryError, Python's MemoryError, or torch's CPU allocator failing (a RuntimeError)."""
+    """torch's OutOfMemoryError, Python's MemoryError, or a RuntimeError that says so: the CPU allocator's "can't
+    allocate memory", a CUDA library's "CUDA error: out of memory"."""
     import torch
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+        text in str(e) for text in ("can't allocate memory", "out of memory"))
 
 
 def first_line(e):

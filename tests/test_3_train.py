@@ -525,6 +525,11 @@ def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, command_lin
     assert status == 1 and err.strip().count("\n") == 0, err
     assert err.startswith("train.py: error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate "
                           "20.00 GiB. GPU 0 has a total capacity): halve --train-batch-size and double --grad-accum")
+    def cublas(*args, **kwargs):  # CUDA libraries report it as a plain RuntimeError
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", cublas)
+    status, err = command_line("train.py", ["--out-dir", tmp_path / "cublas"])
+    assert status == 1 and err.startswith("train.py: error: out of memory (RuntimeError: CUDA error: out of memory)")
     monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: 1 / 0)  # a bug keeps its traceback
     with pytest.raises(ZeroDivisionError):
         command_line("train.py", ["--out-dir", tmp_path / "bug"])
