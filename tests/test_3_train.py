@@ -426,6 +426,12 @@ def test_kl_to_base_is_the_closed_form_at_the_sampled_states(tiny_model_dir):
         eps = guided_eps(sd.unet, x_t, t, traj.context, traj.negative_context, 5.0)
         eps_base = guided_eps(base, x_t, t, traj.context, traj.negative_context, 5.0)
     assert kl > 0 and kl == pytest.approx(ddim.kl(eps, eps_base, t, x_t).mean().item(), rel=1e-5)
+    # in sampling-sized batches (UNet batch 2 x batch_size), so that compiled runs reuse the sampling graph
+    batches = []
+    def spy(unet):
+        return lambda x, *rest: batches.append(len(x)) or unet(x, *rest)
+    train.kl_to_base(settings(batch_size=2, train_batch_size=1), spy(sd.unet), spy(base), ddim, e, torch.Generator())
+    assert batches == [4, 4, 4, 4]
 
 
 def test_your_own_reward_in_one_flag(tmp_path, tiny_model_dir):
