@@ -500,6 +500,5 @@ def main(s, resume_ckpt=None):
 
 if __name__ == "__main__":
     cli.run("train.py", lambda: main(*parse_settings()), out_of_memory="halve --train-batch-size and double "
-            "--grad-accum, or halve --batch-size and double --batches-per-epoch (the same updates either way); "
-            "SD v1-4 trains in about 4.3 GB at --batch-size 8 --train-batch-size 1. Add --resume <run folder> to go "
-            "on from its last checkpoint")
+            "--grad-accum, or halve --batch-size and double --batches-per-epoch (the same updates either way; README: "
+            "SD v1-4 in 4.3 GB); --resume <run folder> goes on from its last checkpoint")
