@@ -43,7 +43,7 @@ import torch
 from nanoddpo.cli import first_line, is_out_of_memory
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_parameters
-from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer
+from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer, torch_layers
 from nanoddpo.world import write_tokenizer
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "RTX 4090": 165}  # dense bf16
@@ -289,7 +289,7 @@ def image_flops(sd, train=False):
         autocast = torch.autocast(sd.device.type, sd.dtype) if sd.dtype != torch.float32 else nullcontext()
         checkpointing, sd.unet.grad_checkpoint = sd.unet.grad_checkpoint, False
         try:
-            with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train), autocast:
+            with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train), autocast, torch_layers():
                 eps = sd.unet(x, torch.tensor([1], device=sd.device), ctx)
                 if train:  # autograd.grad, not backward(): nothing lands in the weights' .grad
                     torch.autograd.grad(eps.float().sum(), trainable)

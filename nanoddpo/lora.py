@@ -18,14 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from nanoddpo.model import Linear
+
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update; keeps `weight` and `bias` so the base keys stay as published."""
+class LoRALinear(Linear):
+    """model.Linear plus a low-rank update; keeps `weight` and `bias` so the base keys stay as published."""
 
     def forward(self, x):
-        # lora_scale is 1, or 0 inside lora_off(): out + 0 is exactly the base nn.Linear. A tensor, not a Python flag,
+        # lora_scale is 1, or 0 inside lora_off(): out + 0 is exactly the base Linear. A tensor, not a Python flag,
         # so that torch.compile reuses one graph for the policy and the base model instead of compiling each. It scales
         # B (out x rank), not the (tokens x out) activation: no extra pass over the activations on the hot path.
         return super().forward(x) + F.linear(self.lora_A(x), self.lora_scale * self.lora_B.weight)
@@ -34,7 +36,7 @@ class LoRALinear(nn.Linear):
 def add_lora(unet, rank=4):
     """Turn every attention projection of the UNet into a LoRALinear, in place. Returns the UNet."""
     for name, module in list(unet.named_modules()):
-        if any(name.endswith("." + t) for t in TARGETS) and ".attn" in name and type(module) is nn.Linear:
+        if any(name.endswith("." + t) for t in TARGETS) and ".attn" in name and type(module) is Linear:
             module.__class__ = LoRALinear  # same parameters, one more term in forward
             device = module.weight.device
             module.lora_A = nn.Linear(module.in_features, rank, bias=False, device=device)

@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import warnings
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,17 +38,97 @@ def GroupNorm(channels, groups, eps):
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d, except when training in float32 on a CPU with many channels on small maps (SD's 640 and 1280 channels
-    at 12 x 12 or less): there the weight gradient is one matmul of the output gradient with the unfolded input patches
-    (im2col), which takes about the forward's time where oneDNN's own weight gradient takes twice that (2-core AVX-512
-    CPU, 1280 channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels or 24 x 24 it is slower, hence the limits).
-    That is 5-10% off a full fine-tuning step of SD v1-4 at 24 x 24 latents. Same numbers up to float rounding; every
-    other case (GPU, no grad, autocast, larger maps, the tiny models) is nn.Conv2d's."""
+# On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. With SD's weights on
+# small inputs that copy costs more than the arithmetic (a 1280-channel 3x3 conv at 2 x 2, UNet batch 2: 24 ms a call,
+# 4 ms from a kept copy; GEGLU's 1280 -> 10240 projection of 8 tokens: 7.3 ms, 2.2 ms). So while a layer's weight is
+# frozen (sampling, the reference model, LoRA training) Linear and Conv2d below keep the blocked copy between calls,
+# keyed on the weight tensor and its version counter, so that any in-place change (an optimizer step, load_state_dict)
+# makes a new one; changes made through `.data` are not seen. The cost is a second copy of those weights in memory
+# (3.4 GB for SD v1-4's UNet). Same numbers up to float rounding; GPUs, autocast, torch.compile and the tiny models'
+# narrow layers (below blocked_min_features) always take torch's own path.
+_BLOCKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # the ops torch's own CPU compiler uses for this
+_blocked = weakref.WeakKeyDictionary()  # layer -> (its weight, the weight's version, blocked copy); not in state_dict
 
-    matmul_grad_max_pixels, matmul_grad_min_channels = 144, 512
+
+@contextmanager
+def torch_layers():
+    """Inside this block Linear and Conv2d take torch's own path: FlopCounterMode, for one, counts only aten's ops."""
+    global _BLOCKED
+    before, _BLOCKED = _BLOCKED, False
+    try:
+        yield
+    finally:
+        _BLOCKED = before
+
+
+def _frozen_wide_fp32_cpu(layer, x, features):
+    return (_BLOCKED and x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
+            and features >= layer.blocked_min_features and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (layer.weight, layer.bias)))
+            and not torch.compiler.is_compiling())
+
+
+def _kept_blocked(layer, reorder):
+    weight = layer.weight
+    kept = _blocked.get(layer)
+    if kept is None or kept[0]() is not weight or kept[1] != (weight._version, weight.data_ptr()):
+        kept = (weakref.ref(weight), (weight._version, weight.data_ptr()), reorder(weight.detach()))
+        _blocked[layer] = kept
+    return kept[2]
+
+
+class _BlockedWeight(torch.autograd.Function):
+    """A frozen layer's forward from its kept blocked weight; the backward gives the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, forward, input_grad):
+        ctx.save_for_backward(weight)
+        ctx.input_grad, ctx.x_shape = input_grad, x.shape
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        return ctx.input_grad(ctx.x_shape, weight, grad), None, None, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear, keeping oneDNN's blocked copy of a frozen float32 weight on a CPU (above)."""
+
+    blocked_min_features = 320  # SD's narrowest; the bundled tiny model's widest is 256
 
     def forward(self, x):
+        if not _frozen_wide_fp32_cpu(self, x, self.in_features):
+            return super().forward(x)
+        rows = x.shape[:-1].numel()
+        blocked = _kept_blocked(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+        return _BlockedWeight.apply(x, self.weight,
+                                    lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, self.bias, "none", [], ""),
+                                    lambda shape, w, grad: grad @ w)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, with two CPU float32 shortcuts for SD's 512+ channel convs (same numbers up to float rounding):
+
+    - frozen weight: oneDNN's blocked copy of it is kept between calls (above);
+    - trained weight on small maps (12 x 12 or less): the weight gradient is one matmul of the output gradient with the
+      unfolded input patches (im2col), which takes about the forward's time where oneDNN's own takes twice that (1280
+      channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels or 24 x 24 it is slower, hence the limits).
+    Everywhere else (GPUs, autocast, larger maps, the tiny models) it is nn.Conv2d."""
+
+    matmul_grad_max_pixels, matmul_grad_min_channels = 144, 512
+    blocked_min_features = 512
+
+    def forward(self, x):
+        if (_frozen_wide_fp32_cpu(self, x, self.in_channels) and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros"):
+            stride, padding = self.stride, self.padding
+            blocked = _kept_blocked(self, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.to_mkldnn(), padding, stride, (1, 1), 1, x.shape))
+            return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._convolution_pointwise(
+                x, blocked, self.bias, padding, stride, (1, 1), 1, "none", [], ""),
+                lambda shape, w, grad: torch.nn.grad.conv2d_input(shape, w, grad, stride, padding))
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
                 and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels
                 and self.in_channels >= self.matmul_grad_min_channels and not torch.is_autocast_enabled("cpu")):
@@ -82,10 +164,10 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.norm1 = GroupNorm(cin, groups, eps)
         self.conv1 = Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, cout) if temb_channels else None
+        self.time_emb_proj = Linear(temb_channels, cout) if temb_channels else None
         self.norm2 = GroupNorm(cout, groups, eps)
         self.conv2 = Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
         self.output_scale = output_scale
 
     def forward(self, x, temb=None):
@@ -130,10 +212,10 @@ class Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_k = nn.Linear(context_dim, dim, bias=bias)
-        self.to_v = nn.Linear(context_dim, dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_q = Linear(dim, dim, bias=bias)
+        self.to_k = Linear(context_dim, dim, bias=bias)
+        self.to_v = Linear(context_dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -149,7 +231,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * hidden)
+        self.proj = Linear(dim, 2 * hidden)
 
     def forward(self, x):
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -160,7 +242,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim):
         super().__init__()
         # net.1 is a dropout slot in the published layout (no weights), kept so net.2 keeps its key name.
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)])
 
     def forward(self, x):
         for layer in self.net:
@@ -189,9 +271,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, heads, context_dim, groups, depth=1):
         super().__init__()
         self.norm = GroupNorm(channels, groups, 1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim) for _ in range(depth)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape
@@ -234,7 +316,7 @@ class UNet(nn.Module):
         attn = lambda c, h: SpatialTransformer(c, h, ctx, groups, depth)
 
         self.conv_in = Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
-        self.time_embedding = nn.ModuleDict(dict(linear_1=nn.Linear(ch[0], temb), linear_2=nn.Linear(temb, temb)))
+        self.time_embedding = nn.ModuleDict(dict(linear_1=Linear(ch[0], temb), linear_2=Linear(temb, temb)))
 
         self.down_blocks = nn.ModuleList()
         cout = ch[0]
@@ -332,8 +414,8 @@ class VAEAttention(nn.Module):
     def __init__(self, channels, groups):
         super().__init__()
         self.group_norm = GroupNorm(channels, groups, 1e-6)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q, self.to_k, self.to_v = (Linear(channels, channels) for _ in range(3))
+        self.to_out = nn.ModuleList([Linear(channels, channels)])
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -368,15 +450,15 @@ class VAE(nn.Module):
                 block["downsamplers"] = nn.ModuleList([Downsample(ch[i], padding=0)])
             down_blocks.append(block)
         self.encoder = nn.ModuleDict(dict(
-            conv_in=nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1),
+            conv_in=Conv2d(cfg["in_channels"], ch[0], 3, padding=1),
             down_blocks=down_blocks,
             mid_block=_vae_mid_block(ch[-1], groups),
             conv_norm_out=GroupNorm(ch[-1], groups, 1e-6),
-            conv_out=nn.Conv2d(ch[-1], 2 * latent, 3, padding=1),  # mean and log-variance
+            conv_out=Conv2d(ch[-1], 2 * latent, 3, padding=1),  # mean and log-variance
         ))
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
 
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        self.post_quant_conv = Conv2d(latent, latent, 1)
         up_blocks, rch = nn.ModuleList(), ch[::-1]
         for i in range(n):
             cin = rch[max(i - 1, 0)]
@@ -385,11 +467,11 @@ class VAE(nn.Module):
                 block["upsamplers"] = nn.ModuleList([Upsample(rch[i])])
             up_blocks.append(block)
         self.decoder = nn.ModuleDict(dict(
-            conv_in=nn.Conv2d(latent, ch[-1], 3, padding=1),
+            conv_in=Conv2d(latent, ch[-1], 3, padding=1),
             mid_block=_vae_mid_block(ch[-1], groups),
             up_blocks=up_blocks,
             conv_norm_out=GroupNorm(ch[0], groups, 1e-6),
-            conv_out=nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1),
+            conv_out=Conv2d(ch[0], cfg["out_channels"], 3, padding=1),
         ))
 
     def encode(self, images):
@@ -427,9 +509,9 @@ class CLIPLayer(nn.Module):
         super().__init__()
         self.heads = heads
         self.layer_norm1 = nn.LayerNorm(dim)
-        self.self_attn = nn.ModuleDict({name: nn.Linear(dim, dim) for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.self_attn = nn.ModuleDict({name: Linear(dim, dim) for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
         self.layer_norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, hidden), fc2=nn.Linear(hidden, dim)))
+        self.mlp = nn.ModuleDict(dict(fc1=Linear(dim, hidden), fc2=Linear(hidden, dim)))
         # quick_gelu is the sigmoid approximation the original CLIP was trained with.
         self.act = (lambda x: x * torch.sigmoid(1.702 * x)) if act == "quick_gelu" else F.gelu
 

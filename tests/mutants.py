@@ -3,7 +3,7 @@
 Each entry below is a plausible slip (a sign, a missing factor, an off-by-one, a dropped restore, the wrong
 timestep) in diffusion math, RL math or the loop. For each, a copy of the repository gets that one change and the
 tests of that file run; a mutant the tests pass is MISSED, and a test should be written that fails it. All of these
-were caught when this list was last run (2026-11-26, 51 mutants); twelve of them had been missed before tests were added.
+were caught when this list was last run (2026-11-26, 54 mutants); twelve of them had been missed before tests were added.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = {  # which tests guard which file
     "nanoddpo/ddim.py": ["tests/test_2_ddim.py", "tests/test_3_train.py"],
     "nanoddpo/rewards.py": ["tests/test_4_rewards.py"],
+    "nanoddpo/model.py": ["tests/test_1_model.py"],
 }
 DEFAULT_TESTS = ["tests/test_3_train.py"]
 
@@ -121,6 +122,11 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "Image.fromarray(img).save(buf, format=\"JPEG\", quality=75)"),
  ("nanoddpo/rewards.py", "sizes.append(buf.tell() / 1000)", "sizes.append(buf.tell() / 1024)"),
  ("train.py", "return torch.cat(kls).mean().item()", "return torch.cat(kls).sum().item()"),
+ ("nanoddpo/model.py",
+  "kept[1] != (weight._version, weight.data_ptr())",
+  "kept[1][1] != weight.data_ptr()"),
+ ("nanoddpo/model.py", "conv2d_input(shape, w, grad, stride, padding)", "conv2d_input(shape, w, grad, 1, padding)"),
+ ("nanoddpo/model.py", "_linear_pointwise(x, blocked, self.bias,", "_linear_pointwise(x, blocked, None,"),
 ]
 
 

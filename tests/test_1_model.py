@@ -2,6 +2,7 @@
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_tokenize_pads_and_truncates_like_sd(sd):
 
 # --- parity with the reference implementations (float32) ----------------------------------------------------------
 
-def test_text_encoder_matches_transformers(sd):
+def test_text_encoder_matches_transformers(sd, layers):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     ref = CLIPTextModel(CLIPTextConfig(**sd.text_encoder.cfg)).eval()
@@ -54,7 +55,21 @@ def test_text_encoder_matches_transformers(sd):
         assert rel_err(sd.text_encoder(ids), ref(ids).last_hidden_state) < 1e-5
 
 
-def test_unet_matches_diffusers(sd):
+@pytest.fixture(params=["torch layers", "kept oneDNN weights"])
+def layers(request, monkeypatch):
+    """Run a test twice: as the tiny model runs (every layer is torch's own), and with every Linear and Conv2d forced
+    onto the CPU path that SD's wide frozen layers take (model.py keeps oneDNN's blocked copy of their weights)."""
+    from nanoddpo import model
+
+    blocked = request.param == "kept oneDNN weights"
+    if blocked and not model._BLOCKED:
+        pytest.skip("this torch build has no oneDNN")
+    for layer in (model.Linear, model.Conv2d):
+        monkeypatch.setattr(layer, "blocked_min_features", 0 if blocked else 10**9)
+    return blocked
+
+
+def test_unet_matches_diffusers(sd, layers):
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
     ref.load_state_dict(sd.unet.state_dict())
@@ -63,9 +78,17 @@ def test_unet_matches_diffusers(sd):
     with torch.no_grad():
         for t in (torch.tensor([981, 500, 1]), torch.tensor(421), 21):  # (B,), 0-d and Python number
             assert rel_err(sd.unet(x, t, context), ref(x, t, context).sample) < 1e-5
+    # The frozen UNet's gradient to its inputs (LoRA training backpropagates through every frozen layer)
+    x.requires_grad_(True)
+    context.requires_grad_(True)
+    t = torch.tensor([981, 500, 1])
+    grads = [torch.autograd.grad(unet(x, t, context).pow(2).sum(), (x, context))
+             for unet in (sd.unet, lambda *a: ref(*a).sample)]
+    for ours, theirs in zip(*grads):
+        assert rel_err(ours, theirs) < 1e-5
 
 
-def test_vae_matches_diffusers(sd):
+def test_vae_matches_diffusers(sd, layers):
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.AutoencoderKL(**TINY_VAE).eval()
     ref.load_state_dict(sd.vae.state_dict())
@@ -269,3 +292,41 @@ def test_conv2d_matmul_weight_gradient(stride, size):
         x.grad = conv.weight.grad = conv.bias.grad = None
     for ours, ref in zip(*grads):
         assert rel_err(ours, ref) < 1e-6
+
+
+def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
+    """SD's wide frozen layers on a CPU run from a kept blocked copy of the weight (model.py). It must give torch's
+    numbers (to float rounding: a 4,608-term sum), be remade after any change to the weight (an optimizer step, load_state_dict, a new tensor), give the
+    input's gradient, and step aside when the weight trains, under torch_layers() and for the tiny model's layers."""
+    from nanoddpo import model
+
+    if not model._BLOCKED:
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    cases = [(model.Linear(320, 24), torch.randn(2, 5, 320), lambda l, x: F.linear(x, l.weight, l.bias)),
+             (model.Conv2d(512, 16, 3, stride=2, padding=1), torch.randn(2, 512, 5, 5),
+              lambda l, x: F.conv2d(x, l.weight, l.bias, 2, 1))]
+    for layer, x, torch_layer in cases:
+        layer.requires_grad_(False)
+        with torch.no_grad():
+            assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5 and layer in model._blocked
+            layer.weight.mul_(-2)  # in place, as an optimizer step
+            assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5
+            layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+            assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5
+            layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight), requires_grad=False)
+            assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5
+            with model.torch_layers():
+                assert torch.equal(layer(x), torch_layer(layer, x))
+        x.requires_grad_(True)
+        grads = [torch.autograd.grad(f(x).pow(2).sum(), x)[0] for f in (layer, lambda x: torch_layer(layer, x))]
+        assert "_BlockedWeight" in type(layer(x).grad_fn).__name__ and rel_err(*grads) < 1e-5
+        layer.requires_grad_(True)  # a trained weight: torch's own path, the weight gets its gradient
+        out = layer(x)
+        assert "_BlockedWeight" not in type(out.grad_fn).__name__
+        assert torch.equal(out, torch_layer(layer, x))
+
+    tiny = StableDiffusion.from_pretrained(Path(__file__).resolve().parents[1] / "weights" / "tiny")
+    for m in tiny.modules():  # the tiny model's runs stay bit for bit what they were: none of its layers is wide enough
+        if isinstance(m, (model.Linear, model.Conv2d)):
+            assert (m.in_features if type(m) is model.Linear else m.in_channels) < m.blocked_min_features
