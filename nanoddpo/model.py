@@ -44,7 +44,8 @@ def GroupNorm(channels, groups, eps):
 # frozen (sampling, the reference model, LoRA training) Linear and Conv2d below keep the blocked copy between calls,
 # keyed on the weight tensor and its version counter, so that any in-place change (an optimizer step, load_state_dict)
 # makes a new one; changes made through `.data` are not seen. The cost is a second copy of those weights in memory
-# (3.4 GB for SD v1-4's UNet). Same numbers up to float rounding; GPUs, autocast, torch.compile and the tiny models'
+# while they are frozen (SD v1-4: 3.4 GB for the UNet, 0.3 GB for the text encoder, 0.2 GB for the VAE; a call that
+# trains the weight frees its copy). Same numbers up to float rounding; GPUs, autocast, torch.compile and the tiny models'
 # narrow layers (below blocked_min_features) always take torch's own path.
 _BLOCKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # the ops torch's own CPU compiler uses for this
@@ -62,15 +63,17 @@ def torch_layers():
         _BLOCKED = before
 
 
-def _frozen_wide_fp32_cpu(layer, x, features):
-    return (_BLOCKED and x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
-            and features >= layer.blocked_min_features and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (layer.weight, layer.bias)))
-            and not torch.compiler.is_compiling())
-
-
-def _kept_blocked(layer, reorder):
+def _kept_blocked_weight(layer, x, wide, reorder):
+    """The layer's weight in oneDNN's blocked layout, kept from the last call if it has not changed since; None where
+    torch's own path runs (and a training call drops the kept copy: stale after the step, so free its memory now)."""
     weight = layer.weight
+    if not _BLOCKED or torch.compiler.is_compiling() or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, layer.bias)):
+        _blocked.pop(layer, None)
+        return None
+    if not wide or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return None
     kept = _blocked.get(layer)
     if kept is None or kept[0]() is not weight or kept[1] != (weight._version, weight.data_ptr()):
         kept = (weakref.ref(weight), (weight._version, weight.data_ptr()), reorder(weight.detach()))
@@ -99,10 +102,11 @@ class Linear(nn.Linear):
     blocked_min_features = 320  # SD's narrowest; the bundled tiny model's widest is 256
 
     def forward(self, x):
-        if not _frozen_wide_fp32_cpu(self, x, self.in_features):
-            return super().forward(x)
         rows = x.shape[:-1].numel()
-        blocked = _kept_blocked(self, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+        blocked = _kept_blocked_weight(self, x, self.in_features >= self.blocked_min_features,
+                                       lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+        if blocked is None:
+            return super().forward(x)
         return _BlockedWeight.apply(x, self.weight,
                                     lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, self.bias, "none", [], ""),
                                     lambda shape, w, grad: grad @ w)
@@ -114,23 +118,25 @@ class Conv2d(nn.Conv2d):
     - frozen weight: oneDNN's blocked copy of it is kept between calls (above);
     - trained weight on small maps (12 x 12 or less): the weight gradient is one matmul of the output gradient with the
       unfolded input patches (im2col), which takes about the forward's time where oneDNN's own takes twice that (1280
-      channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels or 24 x 24 it is slower, hence the limits).
+      channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels, 24 x 24 or 1x1 kernels it is slower, hence the
+      limits).
     Everywhere else (GPUs, autocast, larger maps, the tiny models) it is nn.Conv2d."""
 
     matmul_grad_max_pixels, matmul_grad_min_channels = 144, 512
     blocked_min_features = 512
 
     def forward(self, x):
-        if (_frozen_wide_fp32_cpu(self, x, self.in_channels) and self.groups == 1 and self.dilation == (1, 1)
-                and self.padding_mode == "zeros"):
-            stride, padding = self.stride, self.padding
-            blocked = _kept_blocked(self, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.to_mkldnn(), padding, stride, (1, 1), 1, x.shape))
+        stride, padding = self.stride, self.padding
+        wide = (self.in_channels >= self.blocked_min_features and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros")
+        blocked = _kept_blocked_weight(self, x, wide, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.to_mkldnn(), padding, stride, (1, 1), 1, x.shape))
+        if blocked is not None:
             return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._convolution_pointwise(
                 x, blocked, self.bias, padding, stride, (1, 1), 1, "none", [], ""),
                 lambda shape, w, grad: torch.nn.grad.conv2d_input(shape, w, grad, stride, padding))
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
-                and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels
+                and self.kernel_size != (1, 1) and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels
                 and self.in_channels >= self.matmul_grad_min_channels and not torch.is_autocast_enabled("cpu")):
             return _ConvMatmulWeightGrad.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)

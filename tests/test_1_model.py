@@ -297,7 +297,7 @@ def test_conv2d_matmul_weight_gradient(stride, size):
 def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
     """SD's wide frozen layers on a CPU run from a kept blocked copy of the weight (model.py). It must give torch's
     numbers (to float rounding: a 4,608-term sum), be remade after any change to the weight (an optimizer step, load_state_dict, a new tensor), give the
-    input's gradient, and step aside when the weight trains, under torch_layers() and for the tiny model's layers."""
+    input's gradient, and step aside (freeing the copy) when the weight trains, under torch_layers() and for the tiny model's layers."""
     from nanoddpo import model
 
     if not model._BLOCKED:
@@ -321,9 +321,9 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
         x.requires_grad_(True)
         grads = [torch.autograd.grad(f(x).pow(2).sum(), x)[0] for f in (layer, lambda x: torch_layer(layer, x))]
         assert "_BlockedWeight" in type(layer(x).grad_fn).__name__ and rel_err(*grads) < 1e-5
-        layer.requires_grad_(True)  # a trained weight: torch's own path, the weight gets its gradient
+        layer.requires_grad_(True)  # a trained weight: torch's own path, and the kept copy (stale after a step) is freed
         out = layer(x)
-        assert "_BlockedWeight" not in type(out.grad_fn).__name__
+        assert "_BlockedWeight" not in type(out.grad_fn).__name__ and layer not in model._blocked
         assert torch.equal(out, torch_layer(layer, x))
 
     tiny = StableDiffusion.from_pretrained(Path(__file__).resolve().parents[1] / "weights" / "tiny")
