@@ -38,15 +38,17 @@ def GroupNorm(channels, groups, eps):
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
-# On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. With SD's weights on
-# small inputs that copy costs more than the arithmetic (a 1280-channel 3x3 conv at 2 x 2, UNet batch 2: 24 ms a call,
-# 4 ms from a kept copy; GEGLU's 1280 -> 10240 projection of 8 tokens: 7.3 ms, 2.2 ms). So while a layer's weight is
-# frozen (sampling, the reference model, LoRA training) Linear and Conv2d below keep the blocked copy between calls,
-# keyed on the weight tensor and its version counter, so that any in-place change (an optimizer step, load_state_dict)
-# makes a new one; changes made through `.data` are not seen. The cost is a second copy of those weights in memory
-# while they are frozen (SD v1-4: 3.4 GB for the UNet, 0.3 GB for the text encoder, 0.2 GB for the VAE; a call that
-# trains the weight frees its copy). Same numbers up to float rounding; GPUs, autocast, torch.compile and the tiny models'
-# narrow layers (below blocked_min_features) always take torch's own path.
+# On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. Where the weight
+# outweighs the input, as with SD's 640 and 1280 channels, that copy costs more than the arithmetic (a 1280-channel 3x3
+# conv at 2 x 2, UNet batch 2: 24 ms a call, 4 ms from a kept copy; GEGLU's 1280 -> 10240 projection of 8 tokens:
+# 7.3 ms, 2.2 ms). So Linear and Conv2d below keep the blocked copy between calls while their weight is frozen
+# (sampling, the reference model, LoRA training) and at least twice the size of one sample's input. The copy is keyed on
+# the weight tensor and its version counter: any in-place change (an optimizer step, load_state_dict) makes a new one;
+# changes through `.data` are not seen. Costs: a second copy of those weights while frozen (SD v1-4: 3.4 GB for the
+# UNet, 0.3 GB for the text encoder, 0.2 GB for the VAE; a training call frees its layer's copy), and oneDNN's blocked
+# sums round about 3x more than aten's (relative error 7e-7 instead of 2e-7 per conv), hence the size limit: on large
+# maps, as in the VAE at 512 px, the copy would save little. GPUs, autocast, torch.compile and the tiny models' narrow
+# layers (below blocked_min_features) always take torch's own path.
 _BLOCKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # the ops torch's own CPU compiler uses for this
 _blocked = weakref.WeakKeyDictionary()  # layer -> (its weight, the weight's version, blocked copy); not in state_dict
@@ -72,7 +74,8 @@ def _kept_blocked_weight(layer, x, wide, reorder):
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, layer.bias)):
         _blocked.pop(layer, None)
         return None
-    if not wide or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if (not wide or weight.numel() < 2 * x[0].numel() or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")):
         return None
     kept = _blocked.get(layer)
     if kept is None or kept[0]() is not weight or kept[1] != (weight._version, weight.data_ptr()):
@@ -102,9 +105,8 @@ class Linear(nn.Linear):
     blocked_min_features = 320  # SD's narrowest; the bundled tiny model's widest is 256
 
     def forward(self, x):
-        rows = x.shape[:-1].numel()
         blocked = _kept_blocked_weight(self, x, self.in_features >= self.blocked_min_features,
-                                       lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+                                       torch.ops.mkldnn._reorder_linear_weight)
         if blocked is None:
             return super().forward(x)
         return _BlockedWeight.apply(x, self.weight,
@@ -130,7 +132,7 @@ class Conv2d(nn.Conv2d):
         wide = (self.in_channels >= self.blocked_min_features and self.groups == 1 and self.dilation == (1, 1)
                 and self.padding_mode == "zeros")
         blocked = _kept_blocked_weight(self, x, wide, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.to_mkldnn(), padding, stride, (1, 1), 1, x.shape))
+            w.to_mkldnn(), padding, stride, (1, 1), 1))  # no input shape: the layout depends on the weight alone
         if blocked is not None:
             return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._convolution_pointwise(
                 x, blocked, self.bias, padding, stride, (1, 1), 1, "none", [], ""),

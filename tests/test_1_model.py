@@ -326,6 +326,12 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
         assert "_BlockedWeight" not in type(out.grad_fn).__name__ and layer not in model._blocked
         assert torch.equal(out, torch_layer(layer, x))
 
+    large_maps = model.Conv2d(512, 16, 3, padding=1).requires_grad_(False)  # input > half the weight: torch's path
+    x = torch.randn(1, 512, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(large_maps(x), F.conv2d(x, large_maps.weight, large_maps.bias, 1, 1))
+    assert large_maps not in model._blocked
+
     tiny = StableDiffusion.from_pretrained(Path(__file__).resolve().parents[1] / "weights" / "tiny")
     for m in tiny.modules():  # the tiny model's runs stay bit for bit what they were: none of its layers is wide enough
         if isinstance(m, (model.Linear, model.Conv2d)):
