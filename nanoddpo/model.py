@@ -65,16 +65,16 @@ def torch_layers():
         _BLOCKED = before
 
 
-def _kept_blocked_weight(layer, x, wide, reorder):
-    """The layer's weight in oneDNN's blocked layout, kept from the last call if it has not changed since; None where
-    torch's own path runs (and a training call drops the kept copy: stale after the step, so free its memory now)."""
-    weight = layer.weight
-    if not _BLOCKED or torch.compiler.is_compiling() or x.device.type != "cpu":
+def _kept_blocked_weight(layer, x, reorder):
+    """For a layer wide enough: its weight in oneDNN's blocked layout, kept from the last call if it has not changed
+    since; None where torch's own path runs (and a training call drops the kept copy: stale after the step)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
         return None
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, layer.bias)):
+    weight = layer.weight
+    if torch.is_grad_enabled() and (weight.requires_grad or layer.bias is not None and layer.bias.requires_grad):
         _blocked.pop(layer, None)
         return None
-    if (not wide or weight.numel() < 2 * x[0].numel() or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (weight.numel() < 2 * (x.numel() // x.shape[0]) or x.dtype != torch.float32 or weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu")):
         return None
     kept = _blocked.get(layer)
@@ -105,13 +105,12 @@ class Linear(nn.Linear):
     blocked_min_features = 320  # SD's narrowest; the bundled tiny model's widest is 256
 
     def forward(self, x):
-        blocked = _kept_blocked_weight(self, x, self.in_features >= self.blocked_min_features,
-                                       torch.ops.mkldnn._reorder_linear_weight)
-        if blocked is None:
-            return super().forward(x)
-        return _BlockedWeight.apply(x, self.weight,
-                                    lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, self.bias, "none", [], ""),
-                                    lambda shape, w, grad: grad @ w)
+        if _BLOCKED and self.in_features >= self.blocked_min_features:
+            blocked = _kept_blocked_weight(self, x, torch.ops.mkldnn._reorder_linear_weight)
+            if blocked is not None:
+                return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._linear_pointwise(
+                    x, blocked, self.bias, "none", [], ""), lambda shape, w, grad: grad @ w)
+        return super().forward(x)
 
 
 class Conv2d(nn.Conv2d):
@@ -128,18 +127,19 @@ class Conv2d(nn.Conv2d):
     blocked_min_features = 512
 
     def forward(self, x):
-        stride, padding = self.stride, self.padding
-        wide = (self.in_channels >= self.blocked_min_features and self.groups == 1 and self.dilation == (1, 1)
-                and self.padding_mode == "zeros")
-        blocked = _kept_blocked_weight(self, x, wide, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.to_mkldnn(), padding, stride, (1, 1), 1))  # no input shape: the layout depends on the weight alone
-        if blocked is not None:
-            return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._convolution_pointwise(
-                x, blocked, self.bias, padding, stride, (1, 1), 1, "none", [], ""),
-                lambda shape, w, grad: torch.nn.grad.conv2d_input(shape, w, grad, stride, padding))
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
-                and self.kernel_size != (1, 1) and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels
-                and self.in_channels >= self.matmul_grad_min_channels and not torch.is_autocast_enabled("cpu")):
+        if (_BLOCKED and self.in_channels >= self.blocked_min_features and self.groups == 1
+                and self.dilation == (1, 1) and self.padding_mode == "zeros"):
+            stride, padding = self.stride, self.padding
+            blocked = _kept_blocked_weight(self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.to_mkldnn(), padding, stride, (1, 1), 1))  # no input shape: the layout depends on the weight alone
+            if blocked is not None:
+                return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._convolution_pointwise(
+                    x, blocked, self.bias, padding, stride, (1, 1), 1, "none", [], ""),
+                    lambda shape, w, grad: torch.nn.grad.conv2d_input(shape, w, grad, stride, padding))
+        if (self.in_channels >= self.matmul_grad_min_channels and self.kernel_size != (1, 1)
+                and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
             return _ConvMatmulWeightGrad.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
