@@ -3,7 +3,7 @@
 Each entry below is a plausible slip (a sign, a missing factor, an off-by-one, a dropped restore, the wrong
 timestep) in diffusion math, RL math or the loop. For each, a copy of the repository gets that one change and the
 tests of that file run; a mutant the tests pass is MISSED, and a test should be written that fails it. All of these
-were caught when this list was last run (2026-11-26, 54 mutants); twelve of them had been missed before tests were added.
+were caught when this list was last run (2026-11-26, 56 mutants); twelve of them had been missed before tests were added.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -126,7 +126,9 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "kept[1] != (weight._version, weight.data_ptr())",
   "kept[1][1] != weight.data_ptr()"),
  ("nanoddpo/model.py", "conv2d_input(shape, w, grad, stride, padding)", "conv2d_input(shape, w, grad, 1, padding)"),
- ("nanoddpo/model.py", "_linear_pointwise(x, blocked, self.bias,", "_linear_pointwise(x, blocked, None,"),
+ ("nanoddpo/model.py", "x, blocked, self.bias, \"none\", [], \"\"), lambda", "x, blocked, None, \"none\", [], \"\"), lambda"),
+ ("nanoddpo/model.py", "weight.numel() < 2 * (x.numel()", "weight.numel() < 0 * (x.numel()"),
+ ("nanoddpo/model.py", "        _blocked.pop(layer, None)\n", "        pass\n"),
 ]
 
 
