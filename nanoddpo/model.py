@@ -49,20 +49,21 @@ def GroupNorm(channels, groups, eps):
 # sums round about 3x more than aten's (relative error 7e-7 instead of 2e-7 per conv), hence the size limit: on large
 # maps, as in the VAE at 512 px, the copy would save little. GPUs, autocast, torch.compile and the tiny models' narrow
 # layers (below blocked_min_features) always take torch's own path.
-_BLOCKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))  # the ops torch's own CPU compiler uses for this
-_blocked = weakref.WeakKeyDictionary()  # layer -> (its weight, the weight's version, blocked copy); not in state_dict
+# oneDNN's ops that take a blocked weight, as torch's own CPU compiler uses them; False inside torch_layers()
+_keeping = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_kept = weakref.WeakKeyDictionary()  # layer -> (its weight, the weight's version, blocked copy); not in state_dict
 
 
 @contextmanager
 def torch_layers():
     """Inside this block Linear and Conv2d take torch's own path: FlopCounterMode, for one, counts only aten's ops."""
-    global _BLOCKED
-    before, _BLOCKED = _BLOCKED, False
+    global _keeping
+    before, _keeping = _keeping, False
     try:
         yield
     finally:
-        _BLOCKED = before
+        _keeping = before
 
 
 def _kept_blocked_weight(layer, x, reorder):
@@ -72,15 +73,15 @@ def _kept_blocked_weight(layer, x, reorder):
         return None
     weight = layer.weight
     if torch.is_grad_enabled() and (weight.requires_grad or layer.bias is not None and layer.bias.requires_grad):
-        _blocked.pop(layer, None)
+        _kept.pop(layer, None)
         return None
     if (weight.numel() < 2 * (x.numel() // x.shape[0]) or x.dtype != torch.float32 or weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu")):
         return None
-    kept = _blocked.get(layer)
+    kept = _kept.get(layer)
     if kept is None or kept[0]() is not weight or kept[1] != (weight._version, weight.data_ptr()):
         kept = (weakref.ref(weight), (weight._version, weight.data_ptr()), reorder(weight.detach()))
-        _blocked[layer] = kept
+        _kept[layer] = kept
     return kept[2]
 
 
@@ -105,7 +106,7 @@ class Linear(nn.Linear):
     blocked_min_features = 320  # SD's narrowest; the bundled tiny model's widest is 256
 
     def forward(self, x):
-        if _BLOCKED and self.in_features >= self.blocked_min_features:
+        if _keeping and self.in_features >= self.blocked_min_features:
             blocked = _kept_blocked_weight(self, x, torch.ops.mkldnn._reorder_linear_weight)
             if blocked is not None:
                 return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._linear_pointwise(
@@ -127,7 +128,7 @@ class Conv2d(nn.Conv2d):
     blocked_min_features = 512
 
     def forward(self, x):
-        if (_BLOCKED and self.in_channels >= self.blocked_min_features and self.groups == 1
+        if (_keeping and self.in_channels >= self.blocked_min_features and self.groups == 1
                 and self.dilation == (1, 1) and self.padding_mode == "zeros"):
             stride, padding = self.stride, self.padding
             blocked = _kept_blocked_weight(self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(

@@ -128,7 +128,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/model.py", "conv2d_input(shape, w, grad, stride, padding)", "conv2d_input(shape, w, grad, 1, padding)"),
  ("nanoddpo/model.py", "x, blocked, self.bias, \"none\", [], \"\"), lambda", "x, blocked, None, \"none\", [], \"\"), lambda"),
  ("nanoddpo/model.py", "weight.numel() < 2 * (x.numel()", "weight.numel() < 0 * (x.numel()"),
- ("nanoddpo/model.py", "        _blocked.pop(layer, None)\n", "        pass\n"),
+ ("nanoddpo/model.py", "        _kept.pop(layer, None)\n", "        pass\n"),
 ]
 
 

@@ -62,7 +62,7 @@ def layers(request, monkeypatch):
     from nanoddpo import model
 
     blocked = request.param == "kept oneDNN weights"
-    if blocked and not model._BLOCKED:
+    if blocked and not model._keeping:
         pytest.skip("this torch build has no oneDNN")
     for layer in (model.Linear, model.Conv2d):
         monkeypatch.setattr(layer, "blocked_min_features", 0 if blocked else 10**9)
@@ -296,11 +296,12 @@ def test_conv2d_matmul_weight_gradient(stride, size):
 
 def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
     """SD's wide frozen layers on a CPU run from a kept blocked copy of the weight (model.py). It must give torch's
-    numbers (to float rounding: a 4,608-term sum), be remade after any change to the weight (an optimizer step, load_state_dict, a new tensor), give the
-    input's gradient, and step aside (freeing the copy) when the weight trains, under torch_layers() and for the tiny model's layers."""
+    numbers (to float rounding: a 4,608-term sum), be remade after any change to the weight (an optimizer step,
+    load_state_dict, a new tensor), give the input's gradient, and step aside (freeing the copy) when the weight
+    trains, under torch_layers(), on large maps and for every layer of the tiny model."""
     from nanoddpo import model
 
-    if not model._BLOCKED:
+    if not model._keeping:
         pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
     cases = [(model.Linear(320, 24), torch.randn(2, 5, 320), lambda l, x: F.linear(x, l.weight, l.bias)),
@@ -309,7 +310,7 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
     for layer, x, torch_layer in cases:
         layer.requires_grad_(False)
         with torch.no_grad():
-            assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5 and layer in model._blocked
+            assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5 and layer in model._kept
             layer.weight.mul_(-2)  # in place, as an optimizer step
             assert rel_err(layer(x), torch_layer(layer, x)) < 1e-5
             layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
@@ -323,14 +324,14 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
         assert "_BlockedWeight" in type(layer(x).grad_fn).__name__ and rel_err(*grads) < 1e-5
         layer.requires_grad_(True)  # a trained weight: torch's own path, and the kept copy (stale after a step) is freed
         out = layer(x)
-        assert "_BlockedWeight" not in type(out.grad_fn).__name__ and layer not in model._blocked
+        assert "_BlockedWeight" not in type(out.grad_fn).__name__ and layer not in model._kept
         assert torch.equal(out, torch_layer(layer, x))
 
     large_maps = model.Conv2d(512, 16, 3, padding=1).requires_grad_(False)  # input > half the weight: torch's path
     x = torch.randn(1, 512, 12, 12)
     with torch.no_grad():
         assert torch.equal(large_maps(x), F.conv2d(x, large_maps.weight, large_maps.bias, 1, 1))
-    assert large_maps not in model._blocked
+    assert large_maps not in model._kept
 
     tiny = StableDiffusion.from_pretrained(Path(__file__).resolve().parents[1] / "weights" / "tiny")
     for m in tiny.modules():  # the tiny model's runs stay bit for bit what they were: none of its layers is wide enough
