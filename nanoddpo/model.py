@@ -38,17 +38,19 @@ def GroupNorm(channels, groups, eps):
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
-# On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. Where the weight
-# outweighs the input, as with SD's 640 and 1280 channels, that copy costs more than the arithmetic (a 1280-channel 3x3
-# conv at 2 x 2, UNet batch 2: 24 ms a call, 4 ms from a kept copy; GEGLU's 1280 -> 10240 projection of 8 tokens:
-# 7.3 ms, 2.2 ms). So Linear and Conv2d below keep the blocked copy between calls while their weight is frozen
-# (sampling, the reference model, LoRA training) and at least twice the size of one sample's input. The copy is keyed on
-# the weight tensor and its version counter: any in-place change (an optimizer step, load_state_dict) makes a new one;
-# changes through `.data` are not seen. Costs: a second copy of those weights while frozen (SD v1-4: 3.4 GB for the
-# UNet, 0.3 GB for the text encoder, 0.2 GB for the VAE; a training call frees its layer's copy), and oneDNN's blocked
-# sums round about 3x more than aten's (relative error 7e-7 instead of 2e-7 per conv), hence the size limit: on large
-# maps, as in the VAE at 512 px, the copy would save little. GPUs, autocast, torch.compile and the tiny models' narrow
-# layers (below blocked_min_features) always take torch's own path.
+# On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. On calls with few
+# positions (pixels x batch for a conv, tokens x batch for a linear), as at SD's lowest levels, that copy costs more
+# than the arithmetic: a 1280-channel 3x3 conv at 2 x 2, UNet batch 2, takes 24 ms a call, 4 ms from a kept copy;
+# GEGLU's 1280 -> 10240 projection of 8 tokens 7.3 ms, 2.2 ms. Above about 256 positions the gain falls to 1.3x or
+# less, and at 4,096 (64 x 64) it is gone. So while a layer's weight is frozen (sampling, the reference model, LoRA
+# training), Linear and Conv2d below keep the blocked copy between calls of at most KEPT_MAX_POSITIONS positions. The
+# copy is keyed on the weight tensor and its version counter: any in-place change (an optimizer step, load_state_dict)
+# makes a new one; changes through `.data` are not seen. Costs: a second copy of the weights kept (SD v1-4 at 128 px:
+# 3.4 GB for the UNet, 0.3 GB for the text encoder; at 512 px with a sampling batch of 8 or more, none; a training
+# call frees its layer's copy), and oneDNN's blocked sums round about 3x more than aten's (relative error 7e-7 instead
+# of 2e-7 per conv). GPUs, autocast, torch.compile and the tiny models' narrow layers (below blocked_min_features)
+# always take torch's own path.
+KEPT_MAX_POSITIONS = 256
 # oneDNN's ops that take a blocked weight, as torch's own CPU compiler uses them; False inside torch_layers()
 _keeping = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -75,7 +77,7 @@ def _kept_blocked_weight(layer, x, reorder):
     if torch.is_grad_enabled() and (weight.requires_grad or layer.bias is not None and layer.bias.requires_grad):
         _kept.pop(layer, None)
         return None
-    if (weight.numel() < 2 * (x.numel() // x.shape[0]) or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (x.numel() > KEPT_MAX_POSITIONS * weight.shape[1] or x.dtype != torch.float32 or weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu")):
         return None
     kept = _kept.get(layer)

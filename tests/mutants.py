@@ -126,8 +126,12 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "kept[1] != (weight._version, weight.data_ptr())",
   "kept[1][1] != weight.data_ptr()"),
  ("nanoddpo/model.py", "conv2d_input(shape, w, grad, stride, padding)", "conv2d_input(shape, w, grad, 1, padding)"),
- ("nanoddpo/model.py", "x, blocked, self.bias, \"none\", [], \"\"), lambda", "x, blocked, None, \"none\", [], \"\"), lambda"),
- ("nanoddpo/model.py", "weight.numel() < 2 * (x.numel()", "weight.numel() < 0 * (x.numel()"),
+ ("nanoddpo/model.py",
+  "x, blocked, self.bias, \"none\", [], \"\"), lambda",
+  "x, blocked, None, \"none\", [], \"\"), lambda"),
+ ("nanoddpo/model.py",
+  "x.numel() > KEPT_MAX_POSITIONS * weight.shape[1]",
+  "x.numel() > 2 * KEPT_MAX_POSITIONS * weight.shape[1]"),
  ("nanoddpo/model.py", "        _kept.pop(layer, None)\n", "        pass\n"),
 ]
 

@@ -322,13 +322,13 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
         x.requires_grad_(True)
         grads = [torch.autograd.grad(f(x).pow(2).sum(), x)[0] for f in (layer, lambda x: torch_layer(layer, x))]
         assert "_BlockedWeight" in type(layer(x).grad_fn).__name__ and rel_err(*grads) < 1e-5
-        layer.requires_grad_(True)  # a trained weight: torch's own path, and the kept copy (stale after a step) is freed
+        layer.requires_grad_(True)  # a trained weight: torch's path, and the kept copy (stale after a step) is freed
         out = layer(x)
         assert "_BlockedWeight" not in type(out.grad_fn).__name__ and layer not in model._kept
         assert torch.equal(out, torch_layer(layer, x))
 
-    large_maps = model.Conv2d(512, 16, 3, padding=1).requires_grad_(False)  # input > half the weight: torch's path
-    x = torch.randn(1, 512, 12, 12)
+    large_maps = model.Conv2d(512, 16, 3, padding=1).requires_grad_(False)  # 289 positions: torch's path
+    x = torch.randn(1, 512, 17, 17)
     with torch.no_grad():
         assert torch.equal(large_maps(x), F.conv2d(x, large_maps.weight, large_maps.bias, 1, 1))
     assert large_maps not in model._kept
