@@ -260,6 +260,7 @@ def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
 
     diffusers = pytest.importorskip("diffusers")
     monkeypatch.setattr(Conv2d, "matmul_grad_min_channels", 0 if matmul_grad else 10**9)
+    monkeypatch.setattr(Conv2d, "matmul_all_min_channels", 32 if matmul_grad else 10**9)  # both paths, 32 / 64 wide
     ref = diffusers.UNet2DConditionModel(**TINY_UNET)
     ref.load_state_dict(sd.unet.state_dict())
     torch.manual_seed(0)
@@ -276,20 +277,27 @@ def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
         unet.requires_grad_(False)
 
 
-@pytest.mark.parametrize("stride, size", [(1, 12), (2, 12), (1, 13)])
-def test_conv2d_matmul_weight_gradient(stride, size):
+@pytest.mark.parametrize("all_matmul", [False, True])
+@pytest.mark.parametrize("stride, size", [(1, 12), (2, 12), (2, 11), (1, 13)])
+def test_conv2d_matmul_weight_gradient(stride, size, all_matmul):
+    """Conv2d's im2col path (SD's wide, small maps on a CPU): the weight gradient as a matmul, and with all_matmul the
+    forward and the input gradient too, all equal to F.conv2d's, strided and on odd sizes included."""
     from nanoddpo.model import Conv2d
 
     torch.manual_seed(0)
     conv = Conv2d(8, 16, 3, stride=stride, padding=1)
     conv.matmul_grad_min_channels = 0  # this conv's 8 channels would take nn.Conv2d's path
+    conv.matmul_all_min_channels = 8 if all_matmul else 10**9
     x = torch.randn(2, 8, size, size, requires_grad=True)
     assert ("_ConvMatmulWeightGrad" in type(conv(x).grad_fn).__name__) == (size * size <= 144)  # 13 x 13: nn.Conv2d
-    grads = []
+    outs, grads = [], []
     for forward in (conv, lambda x: F.conv2d(x, conv.weight, conv.bias, stride, 1)):
-        forward(x).pow(2).sum().backward()
+        out = forward(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
         grads.append([t.grad.clone() for t in (x, conv.weight, conv.bias)])
         x.grad = conv.weight.grad = conv.bias.grad = None
+    assert outs[0].shape == outs[1].shape and rel_err(*outs) < 1e-6
     for ours, ref in zip(*grads):
         assert rel_err(ours, ref) < 1e-6
 
