@@ -46,8 +46,8 @@ def GroupNorm(channels, groups, eps):
 # training), Linear and Conv2d below keep the blocked copy between calls of at most KEPT_MAX_POSITIONS positions. The
 # copy is keyed on the weight tensor and its version counter: any in-place change (an optimizer step, load_state_dict)
 # makes a new one; changes through `.data` are not seen. Costs: a second copy of the weights kept (SD v1-4 at 128 px:
-# 3.4 GB for the UNet, 0.3 GB for the text encoder; at 512 px with a sampling batch of 8 or more, none; a training
-# call frees its layer's copy), and oneDNN's blocked sums round about 3x more than aten's (relative error 7e-7 instead
+# 3.3 GB for the UNet, 0.3 GB for the text encoder; at 512 px with the sd14 preset's batches, only the text encoder's
+# for the unconditional prompt; a training call frees its layer's copy), and oneDNN's blocked sums round about 3x more than aten's (relative error 7e-7 instead
 # of 2e-7 per conv). GPUs, autocast, torch.compile and the tiny models' narrow layers (below blocked_min_features)
 # always take torch's own path.
 KEPT_MAX_POSITIONS = 256
