@@ -47,9 +47,9 @@ def GroupNorm(channels, groups, eps):
 # copy is keyed on the weight tensor and its version counter: any in-place change (an optimizer step, load_state_dict)
 # makes a new one; changes through `.data` are not seen. Costs: a second copy of the weights kept (SD v1-4 at 128 px:
 # 3.3 GB for the UNet, 0.3 GB for the text encoder; at 512 px with the sd14 preset's batches, only the text encoder's
-# for the unconditional prompt; a training call frees its layer's copy), and oneDNN's blocked sums round about 3x more than aten's (relative error 7e-7 instead
-# of 2e-7 per conv). GPUs, autocast, torch.compile and the tiny models' narrow layers (below blocked_min_features)
-# always take torch's own path.
+# for the unconditional prompt; a training call frees its layer's copy), and oneDNN's blocked sums round about 3x
+# more than aten's (relative error 7e-7 instead of 2e-7 per conv). GPUs, autocast, torch.compile and the tiny models'
+# narrow layers (below blocked_min_features) always take torch's own path.
 KEPT_MAX_POSITIONS = 256
 # oneDNN's ops that take a blocked weight, as torch's own CPU compiler uses them; False inside torch_layers()
 _keeping = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
