@@ -39,17 +39,13 @@ def GroupNorm(channels, groups, eps):
 
 
 # On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. On calls with few
-# positions (pixels x batch for a conv, tokens x batch for a linear), as at SD's lowest levels, that copy costs more
-# than the arithmetic: a 1280-channel 3x3 conv at 2 x 2, UNet batch 2, takes 24 ms a call, 4 ms from a kept copy;
-# GEGLU's 1280 -> 10240 projection of 8 tokens 7.3 ms, 2.2 ms. Above about 256 positions the gain falls to 1.3x or
-# less, and at 4,096 (64 x 64) it is gone. So while a layer's weight is frozen (sampling, the reference model, LoRA
-# training), Linear and Conv2d below keep the blocked copy between calls of at most KEPT_MAX_POSITIONS positions. The
-# copy is keyed on the weight tensor and its version counter: any in-place change (an optimizer step, load_state_dict)
-# makes a new one; changes through `.data` are not seen. Costs: a second copy of the weights kept (SD v1-4 at 128 px:
-# 3.3 GB for the UNet, 0.3 GB for the text encoder; at 512 px with the sd14 preset's batches, only the text encoder's
-# for the unconditional prompt; a training call frees its layer's copy), and oneDNN's blocked sums round about 3x
-# more than aten's (relative error 7e-7 instead of 2e-7 per conv). GPUs, autocast, torch.compile and the tiny models'
-# narrow layers (below blocked_min_features) always take torch's own path.
+# positions (pixels or tokens x batch), as at SD's lowest levels, the copy costs more than the arithmetic (a 1280-wide
+# 3x3 conv at 2 x 2, batch 2: 24 ms a call, 4 ms from a kept copy); past 256 positions the gain is 1.3x or less. So
+# while a layer's weight is frozen (sampling, the reference model, LoRA), Linear and Conv2d keep the copy between such
+# calls, keyed on the weight tensor, its version counter and storage: an optimizer step or load_state_dict makes a new
+# one (changes through `.data` are not seen). Costs: memory (SD v1-4 at 128 px: 3.7 GB; a training call frees its
+# layer's copy) and rounding (oneDNN's blocked sums: relative error 7e-7 per conv, aten's 2e-7). GPUs, autocast,
+# torch.compile and the tiny model's narrow layers (below blocked_min_features) always take torch's own path.
 KEPT_MAX_POSITIONS = 256
 # oneDNN's ops that take a blocked weight, as torch's own CPU compiler uses them; False inside torch_layers()
 _keeping = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
