@@ -278,18 +278,18 @@ def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
 
 
 @pytest.mark.parametrize("all_matmul", [False, True])
-@pytest.mark.parametrize("stride, size", [(1, 12), (2, 12), (2, 11), (1, 13)])
+@pytest.mark.parametrize("stride, size", [(1, (12, 12)), (2, (12, 12)), (2, (11, 7)), (1, (13, 13))])
 def test_conv2d_matmul_weight_gradient(stride, size, all_matmul):
     """Conv2d's im2col path (SD's wide, small maps on a CPU): the weight gradient as a matmul, and with all_matmul the
-    forward and the input gradient too, all equal to F.conv2d's, strided and on odd sizes included."""
+    forward and the input gradient too, all equal to F.conv2d's, strided and on odd, non-square sizes included."""
     from nanoddpo.model import Conv2d
 
     torch.manual_seed(0)
     conv = Conv2d(8, 16, 3, stride=stride, padding=1)
     conv.matmul_grad_min_channels = 0  # this conv's 8 channels would take nn.Conv2d's path
     conv.matmul_all_min_channels = 8 if all_matmul else 10**9
-    x = torch.randn(2, 8, size, size, requires_grad=True)
-    assert ("_ConvMatmulWeightGrad" in type(conv(x).grad_fn).__name__) == (size * size <= 144)  # 13 x 13: nn.Conv2d
+    x = torch.randn(2, 8, *size, requires_grad=True)  # 11 x 7: the output's height and width must not swap
+    assert ("_ConvIm2col" in type(conv(x).grad_fn).__name__) == (size[0] * size[1] <= 144)  # 13 x 13: nn.Conv2d
     outs, grads = [], []
     for forward in (conv, lambda x: F.conv2d(x, conv.weight, conv.bias, stride, 1)):
         out = forward(x)
