@@ -134,7 +134,9 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "x.numel() > 2 * KEPT_MAX_POSITIONS * weight.shape[1]"),
  ("nanoddpo/model.py", "        _kept.pop(layer, None)\n", "        pass\n"),
  ("nanoddpo/model.py", "            out = out + bias[:, None]\n", "            out = out\n"),
- ("nanoddpo/model.py", "padding=ctx.padding, stride=ctx.stride)\n        elif", "padding=ctx.padding, stride=1)\n        elif"),
+ ("nanoddpo/model.py",
+  "padding=ctx.padding, stride=ctx.stride)\n        elif",
+  "padding=ctx.padding, stride=1)\n        elif"),
  ("nanoddpo/model.py", "(x.shape[-1] + 2 * p - k) // s + 1)", "(x.shape[-2] + 2 * p - k) // s + 1)"),
 ]
 
