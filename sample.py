@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoddpo.cli import Parser, check_device, need, number, run
+from nanoddpo.cli import Parser, check_device, keep_freed_memory, need, number, run
 from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
@@ -76,6 +76,8 @@ def main(args):
         check_reward(name, prompts)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cpu":
+        keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones (nanoddpo/cli.py)
     sd = StableDiffusion.from_pretrained(args.model, device=device)
     reward_fns = {name: get_reward(name) for name in args.reward or []}
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None

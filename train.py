@@ -44,7 +44,7 @@ from tqdm import tqdm
 from nanoddpo import cli
 from nanoddpo.bench import image_flops, mfu
 from nanoddpo.checkpoint import checkpoints_of, forget_after, resume, save_checkpoint, start_run
-from nanoddpo.cli import UsageError, settings_parser
+from nanoddpo.cli import UsageError, keep_freed_memory, settings_parser
 from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
 from nanoddpo.images import grid, to_uint8
@@ -346,6 +346,8 @@ def main(s, resume_ckpt=None):
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
     if s.threads:
         torch.set_num_threads(s.threads)
+    if not cuda:
+        keep_freed_memory()  # large CPU tensors reuse freed pages: an SD-size CPU run 1.2x faster (nanoddpo/cli.py)
     d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir = resolve_model(s.model)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))

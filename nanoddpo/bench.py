@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from nanoddpo.cli import first_line, is_out_of_memory
+from nanoddpo.cli import first_line, is_out_of_memory, keep_freed_memory
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_parameters
 from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer, torch_layers
@@ -356,12 +356,13 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
     return table.add(what, variant, "s", t_ours, t_base, (m_ours, m_base), flops, "; ".join(errors) or None)
 
 
-def run(a, device):
+def run(a, device, heap):
     cuda = device.type == "cuda"
     sd, base, base_note = build_models(a, device)
     print(f"device: {torch.cuda.get_device_name(device) if cuda else 'CPU'} ({torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: other processes slow a CPU bench)  "
-          f"torch {torch.__version__}  model: {a.model or 'SD v1-4 at full size, random weights'}")
+          f"torch {torch.__version__}  model: {a.model or 'SD v1-4 at full size, random weights'}"
+          f"{'' if cuda else f'  allocator: {heap}'}")
     print(f"size: {a.latent} x {a.latent} latents ({sd.image_size} px), sampling batch {a.batch} (UNet batch "
           f"{2 * a.batch}), train batch {a.train_batch} (UNet batch {2 * a.train_batch}); miniature epoch: "
           f"{a.trajectories} trajectories x {a.num_steps} DDIM steps{'' if a.num_steps == 50 else ' (not 50, to keep the bench short)'}")
@@ -492,7 +493,9 @@ def main(argv=None):
         fill_defaults(a, device.type == "cuda")
         if a.threads:
             torch.set_num_threads(a.threads)
-        rows, _ = run(a, device)
+        # As train.py and sample.py run on a CPU; it moves CPU figures up to 2x (docs/RESULTS.md).
+        heap = keep_freed_memory() if device.type == "cpu" else "-"
+        rows, _ = run(a, device, heap)
     except (LoadError, ValueError) as e:
         sys.exit(f"bench: error: {e}")
     except (MemoryError, RuntimeError) as e:
@@ -503,7 +506,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", threads=torch.get_num_threads(),
-                  torch=torch.__version__, load_average=os.getloadavg(), settings=vars(a), rows=rows)
+                  torch=torch.__version__, load_average=os.getloadavg(), allocator=heap,
+                  settings=vars(a), rows=rows)
     path.write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {path}")
     return path

@@ -10,8 +10,11 @@ heavy runs, and never in a traceback:
     run("train.py", lambda: main(...))            # UsageError / LoadError -> that one line, exit code 1
 """
 import argparse
+import ctypes
 import dataclasses
 import inspect
+import os
+import platform
 import re
 import sys
 
@@ -82,6 +85,27 @@ def is_out_of_memory(e):
 def first_line(e):
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+
+
+def keep_freed_memory():
+    """Have glibc keep freed memory for the next tensor instead of handing it back to the kernel. By default every
+    block over 32 MB (at SD size: each weight's gradient, oneDNN's per-call weight copies, large activations) is
+    mapped fresh and unmapped when freed, so the next one pays a page fault per 4 KB and a zeroing: on this project's
+    CPU that was half of a full fine-tuning call at SD size (docs/RESULTS.md, "The allocator under the CPU figures").
+    The price: the process keeps its peak resident set until it exits, which is why train.py, sample.py and the bench
+    ask for this on a CPU only (a GPU run's host memory would stay at its loading peak). A MALLOC_* variable,
+    GLIBC_TUNABLES or another allocator in LD_PRELOAD is the user's own choice and is left alone, as are other C
+    libraries. Returns, in words, what the heap does."""
+    chosen = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    if chosen:
+        return " ".join(f"{k}={v}" for k, v in chosen.items())
+    if platform.libc_ver()[0] != "glibc":
+        return "the C library's defaults"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h; a trim threshold of -1 never trims
+    libc = ctypes.CDLL(None)
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, -1)):
+        return "glibc's defaults (mallopt refused)"
+    return "glibc, freed memory kept for reuse (no mmap, no trim)"
 
 
 def run(prog, main, out_of_memory="use smaller batches"):

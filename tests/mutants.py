@@ -3,7 +3,7 @@
 Each entry below is a plausible slip (a sign, a missing factor, an off-by-one, a dropped restore, the wrong
 timestep) in diffusion math, RL math or the loop. For each, a copy of the repository gets that one change and the
 tests of that file run; a mutant the tests pass is MISSED, and a test should be written that fails it. All of these
-were caught when this list was last run (2026-11-26, 59 mutants); twelve of them had been missed before tests were added.
+were caught when this list was last run (2026-11-26, 61 mutants); twelve of them had been missed before tests were added.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -19,6 +19,7 @@ TESTS = {  # which tests guard which file
     "nanoddpo/ddim.py": ["tests/test_2_ddim.py", "tests/test_3_train.py"],
     "nanoddpo/rewards.py": ["tests/test_4_rewards.py"],
     "nanoddpo/model.py": ["tests/test_1_model.py"],
+    "nanoddpo/cli.py": ["tests/test_6_bench.py"],
 }
 DEFAULT_TESTS = ["tests/test_3_train.py"]
 
@@ -138,6 +139,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "padding=ctx.padding, stride=ctx.stride)\n        elif",
   "padding=ctx.padding, stride=1)\n        elif"),
  ("nanoddpo/model.py", "(x.shape[-1] + 2 * p - k) // s + 1)", "(x.shape[-2] + 2 * p - k) // s + 1)"),
+ ("nanoddpo/cli.py", "libc.mallopt(M_MMAP_MAX, 0)", "libc.mallopt(M_MMAP_MAX, 65536)"),
+ ("nanoddpo/cli.py", "libc.mallopt(M_TRIM_THRESHOLD, -1)", "libc.mallopt(M_TRIM_THRESHOLD, 0)"),
 ]
 
 

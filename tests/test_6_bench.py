@@ -2,6 +2,8 @@
 variant reported while the bench goes on, the baseline skipped without diffusers, bad input in one line. Timings
 themselves are never asserted here: they belong to the bench, not to tests."""
 import json
+import os
+import platform
 import subprocess
 import sys
 import types
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from nanoddpo import bench
+from nanoddpo.cli import keep_freed_memory
 from nanoddpo.lora import add_lora
 from nanoddpo.model import UNet
 
@@ -22,6 +25,46 @@ def run_bench(tiny_model_dir, tmp_path, *extra):
     path = bench.main(["--model", str(tiny_model_dir), "--device", "cpu", "--precisions", "fp32", "--repeats", "1",
                        "--trajectories", "2", "--num-steps", "3", "--latent", "8", "--out-dir", str(tmp_path), *extra])
     return json.loads(path.read_text())
+
+
+PAGE_FAULTS_OF_A_FREED_BLOCK = """
+import ctypes, resource, sys
+from nanoddpo import cli
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def faults():  # 64 MB from the C heap, as torch gets a tensor's memory: made, written, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(2**26)
+    ctypes.memset(block, 1, 2**26)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+if sys.argv[1] == "keep":
+    cli.keep_freed_memory()
+print(faults(), sum(faults() for _ in range(4)))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_freed_memory_is_reused_without_page_faults(monkeypatch):
+    """On a CPU, train.py, sample.py and the bench keep freed memory, so the next large tensor reuses the
+    last one's pages. Under glibc's defaults a 64 MB block is mapped fresh and unmapped when freed, and every use
+    faults in its 16,384 pages of 4 KB again: the cost that was half of a full fine-tuning call at SD size on a CPU
+    (mmap refused alone is not enough: the heap's top is trimmed back instead). Each case runs in its own process:
+    the setting is process-wide."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    root = Path(__file__).resolve().parents[1]
+    faults = {mode: subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_A_FREED_BLOCK, mode], cwd=root, env=env,
+                                   capture_output=True, text=True, check=True).stdout.split() for mode in ("bare", "keep")}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" in thp.read_text():
+        pytest.skip("transparent huge pages always on: faults come per 2 MB, not per 4 KB")
+    (first, then), (first_kept, then_kept) = [map(int, faults[mode]) for mode in ("bare", "keep")]
+    assert first > 16000 and then > 4 * 16000, faults  # every use of the block: 16,384 fresh pages
+    assert first_kept > 16000 and then_kept < 1000, faults  # the first use only
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own allocator settings stand, and are named
+    assert keep_freed_memory() == "MALLOC_ARENA_MAX=2"
 
 
 def test_bench_records_every_figure_and_goes_on_past_a_failing_variant(tiny_model_dir, tmp_path, capsys):
