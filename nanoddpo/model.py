@@ -119,10 +119,11 @@ class Conv2d(nn.Conv2d):
     - trained weight on small maps (12 x 12 or less): the weight gradient is one matmul of the output gradient with the
       unfolded input patches (im2col), which takes about the forward's time where oneDNN's own takes twice that (1280
       channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels, 24 x 24 or 1x1 kernels it is slower, hence the
-      limits); from 1024 channels the forward and the input gradient are matmuls too.
+      limits); from 1024 channels at 6 x 6 or less the forward and the input gradient are matmuls too (at 8 x 8 they
+      were 35% slower than oneDNN's once freed memory is reused: nanoddpo/cli.py's keep_freed_memory).
     Everywhere else (GPUs, autocast, larger maps, the tiny models) it is nn.Conv2d."""
 
-    matmul_grad_max_pixels, matmul_grad_min_channels, matmul_all_min_channels = 144, 512, 1024
+    matmul_grad_max_pixels, matmul_grad_min_channels, matmul_all_min_channels, matmul_all_max_pixels = 144, 512, 1024, 36
     blocked_min_features = 512
 
     def forward(self, x):
@@ -140,7 +141,8 @@ class Conv2d(nn.Conv2d):
                 and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu")):
             return _ConvIm2col.apply(x, self.weight, self.bias, self.stride, self.padding,
-                                               self.in_channels >= self.matmul_all_min_channels)
+                                     self.in_channels >= self.matmul_all_min_channels
+                                     and x.shape[-2] * x.shape[-1] <= self.matmul_all_max_pixels)
         return super().forward(x)
 
 

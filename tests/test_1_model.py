@@ -261,6 +261,7 @@ def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
     diffusers = pytest.importorskip("diffusers")
     monkeypatch.setattr(Conv2d, "matmul_grad_min_channels", 0 if matmul_grad else 10**9)
     monkeypatch.setattr(Conv2d, "matmul_all_min_channels", 32 if matmul_grad else 10**9)  # both paths, 32 / 64 wide
+    monkeypatch.setattr(Conv2d, "matmul_all_max_pixels", 144)  # on 8 x 8 maps too
     ref = diffusers.UNet2DConditionModel(**TINY_UNET)
     ref.load_state_dict(sd.unet.state_dict())
     torch.manual_seed(0)
@@ -287,7 +288,7 @@ def test_conv2d_matmul_weight_gradient(stride, size, all_matmul):
     torch.manual_seed(0)
     conv = Conv2d(8, 16, 3, stride=stride, padding=1)
     conv.matmul_grad_min_channels = 0  # this conv's 8 channels would take nn.Conv2d's path
-    conv.matmul_all_min_channels = 8 if all_matmul else 10**9
+    conv.matmul_all_min_channels, conv.matmul_all_max_pixels = (8, 144) if all_matmul else (10**9, 0)
     x = torch.randn(2, 8, *size, requires_grad=True)  # 11 x 7: the output's height and width must not swap
     assert ("_ConvIm2col" in type(conv(x).grad_fn).__name__) == (size[0] * size[1] <= 144)  # 13 x 13: nn.Conv2d
     outs, grads = [], []
