@@ -347,7 +347,7 @@ def main(s, resume_ckpt=None):
     if s.threads:
         torch.set_num_threads(s.threads)
     if not cuda:
-        keep_freed_memory()  # large CPU tensors reuse freed pages: an SD-size CPU run 1.2x faster (nanoddpo/cli.py)
+        keep_freed_memory()  # large tensors reuse freed pages: SD-size CPU runs 1.2-1.3x faster (nanoddpo/cli.py)
     d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir = resolve_model(s.model)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
