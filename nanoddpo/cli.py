@@ -1,5 +1,6 @@
 """
-The command line of train.py and sample.py: one way to turn flags into settings, and one way to fail.
+The command line of train.py and sample.py: one way to turn flags into settings, one way to fail, and the C heap
+setting their CPU runs use (keep_freed_memory).
 
 A setting the user can fix ends in ONE line that names the flag, the value given and what is accepted, before anything
 heavy runs, and never in a traceback:
@@ -88,10 +89,11 @@ def first_line(e):
 
 
 def keep_freed_memory():
-    """Have glibc keep freed memory for the next tensor instead of handing it back to the kernel. By default every
-    block over 32 MB (at SD size: each weight's gradient, oneDNN's per-call weight copies, large activations) is
-    mapped fresh and unmapped when freed, so the next one pays a page fault per 4 KB and a zeroing: on this project's
-    CPU that was half of a full fine-tuning call at SD size (docs/RESULTS.md, "The allocator under the CPU figures").
+    """Have glibc keep freed memory for the next tensor instead of handing it back to the kernel. By default it maps
+    large blocks fresh and unmaps them when freed (over a threshold that adapts up to 32 MB: at SD size, each weight's
+    gradient, oneDNN's per-call weight copies, large activations), and trims the top of its heap, so the next tensor
+    pays a page fault per 4 KB and a zeroing: on this project's CPU that was half of a full fine-tuning call at SD
+    size (docs/RESULTS.md, "The allocator under the CPU figures").
     The price: the process keeps its peak resident set until it exits, which is why train.py, sample.py and the bench
     ask for this on a CPU only (a GPU run's host memory would stay at its loading peak). A MALLOC_* variable,
     GLIBC_TUNABLES or another allocator in LD_PRELOAD is the user's own choice and is left alone, as are other C
