@@ -76,8 +76,7 @@ def main(args):
         check_reward(name, prompts)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cpu":
-        keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in fresh ones (nanoddpo/cli.py)
+    keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages instead of faulting in fresh ones (cli.py)
     sd = StableDiffusion.from_pretrained(args.model, device=device)
     reward_fns = {name: get_reward(name) for name in args.reward or []}
     autocast = torch.autocast("cuda", torch.bfloat16) if sd.device.type == "cuda" else None

@@ -493,8 +493,7 @@ def main(argv=None):
         fill_defaults(a, device.type == "cuda")
         if a.threads:
             torch.set_num_threads(a.threads)
-        # As train.py and sample.py run on a CPU; it moves CPU figures up to 2x (docs/RESULTS.md).
-        heap = keep_freed_memory() if device.type == "cpu" else "-"
+        heap = keep_freed_memory(device)  # as train.py and sample.py run; on a CPU it moves figures up to 2x
         rows, _ = run(a, device, heap)
     except (LoadError, ValueError) as e:
         sys.exit(f"bench: error: {e}")

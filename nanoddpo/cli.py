@@ -88,16 +88,17 @@ def first_line(e):
     return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
-def keep_freed_memory():
-    """Have glibc keep freed memory for the next tensor instead of handing it back to the kernel. By default it maps
-    large blocks fresh and unmaps them when freed (over a threshold that adapts up to 32 MB: at SD size, each weight's
-    gradient, oneDNN's per-call weight copies, large activations), and trims the top of its heap, so the next tensor
-    pays a page fault per 4 KB and a zeroing: on this project's CPU that was half of a full fine-tuning call at SD
-    size (docs/RESULTS.md, "The allocator under the CPU figures").
-    The price: the process keeps its peak resident set until it exits, which is why train.py, sample.py and the bench
-    ask for this on a CPU only (a GPU run's host memory would stay at its loading peak). A MALLOC_* variable,
-    GLIBC_TUNABLES or another allocator in LD_PRELOAD is the user's own choice and is left alone, as are other C
-    libraries. Returns, in words, what the heap does."""
+def keep_freed_memory(device="cpu"):
+    """On a CPU, have glibc keep freed memory for the next tensor instead of handing it back to the kernel. By
+    default it maps large blocks fresh and unmaps them when freed (over a threshold that adapts up to 32 MB: at SD
+    size, each weight's gradient, oneDNN's per-call weight copies, large activations), and trims the top of its heap,
+    so the next tensor pays a page fault per 4 KB and a zeroing: on this project's CPU that was half of a full
+    fine-tuning call at SD size (docs/RESULTS.md, "The allocator under the CPU figures"). The price: the process keeps
+    its peak resident set until it exits, so a GPU `device` is left as it is (its host memory would stay at its
+    loading peak for nothing). A MALLOC_* variable, GLIBC_TUNABLES or another allocator in LD_PRELOAD is the user's
+    own choice and is left alone, as are other C libraries. Returns, in words, what the heap does."""
+    if not str(device).startswith("cpu"):  # "cpu" or torch.device("cpu")
+        return "the C library's defaults (not a CPU run)"
     chosen = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     if chosen:
         return " ".join(f"{k}={v}" for k, v in chosen.items())

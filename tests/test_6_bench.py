@@ -39,7 +39,7 @@ def faults():  # 64 MB from the C heap, as torch gets a tensor's memory: made, w
     libc.free(block)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 if sys.argv[1] == "keep":
-    cli.keep_freed_memory()
+    cli.keep_freed_memory("cpu")
 print(faults(), sum(faults() for _ in range(4)))
 """
 
@@ -65,6 +65,7 @@ def test_freed_memory_is_reused_without_page_faults(monkeypatch):
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own allocator settings stand, and are named
     assert keep_freed_memory() == "MALLOC_ARENA_MAX=2"
+    assert keep_freed_memory("cuda:0").endswith("(not a CPU run)")  # a GPU run's host heap is left as it is
 
 
 def test_bench_records_every_figure_and_goes_on_past_a_failing_variant(tiny_model_dir, tmp_path, capsys):
