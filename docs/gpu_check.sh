@@ -3,15 +3,15 @@
 #
 #   OUT=runs/gpu bash docs/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
 #
-# In order of what is still unknown (docs/RESULTS.md, "On a GPU" and "Compiled train.py and CUDA graphs"):
-# 1. the bench's LoRA training call compiled, default mode against reduce-overhead (CUDA graphs), while the CPUs write
-#    random SD v1-4 weights in the published layout to /tmp/sd-v1-4-random;
-# 2. train.py at that size with the sd14 defaults (bf16, compiled, sampling batch 16, train batch 8): epoch 0 should
-#    now compile two UNet graphs, not three; epoch 1 is the throughput (3,726 trajectories/hour before);
-# 3. the same with inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1), then with train batch 16.
-# Each stage has its own time limit, so one slow stage cannot eat the others; logs and JSON land in $OUT.
-# diffusers is optional: wheels in .whl/ are installed to /tmp/site first (the lent machines have no network).
-# RESULTS.md names the commit of this script that produced each figure.
+# In order of what is still unknown (docs/RESULTS.md, "The third lent H200"):
+# 1. train.py with inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1) and torch.compiler.cudagraph_mark_step_begin()
+#    before each training step, patched in from outside: without the call, torch 2.11 stopped in the first backward
+#    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run");
+# 2. train.py at train batch 16 (sampling batch 16), to its steady state: the last GPU ran out of time in epoch 1.
+# Both use the sd14 defaults otherwise (bf16, compiled, 50 steps, every step trained) on one batch of 16 per epoch, so
+# --grad-accum 2 (or 1 at train batch 16) replaces the preset's 8; epoch 0 compiles (about 3 minutes), epochs 1-2 are
+# the throughput (3,726-3,770 trajectories/hour at train batch 8 before).
+# Each stage has its own time limit, so one slow stage cannot eat the other; logs and metrics land in $OUT.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -26,29 +26,25 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit that also respects 
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "== $name: exit $? after $SECONDS s"; tail -n 40 "$OUT/$name.log"
 }
-if ls .whl/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-# The random full-size folder for train.py, written on 4 CPU threads while the bench uses the GPU.
+# The random full-size folder for train.py, written on all CPU threads first.
 SD=/tmp/sd-v1-4-random
-OMP_NUM_THREADS=4 python3 -c "import sys; sys.path[:0] = ['tests', '.']; import test_1_model_full_size as t; \
-print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1 &
-WRITER=$!
+ls $SD/unet > /dev/null 2>&1 || python3 -c "import sys; sys.path[:0] = ['tests', '.']; import test_1_model_full_size as t; \
+print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1
+echo "folder written after $SECONDS s"
 
-stage bench_compile_lora 150 python3 -m nanoddpo.bench --precisions bf16 --compile-modes default,reduce-overhead \
-    --parts lora --repeats 5 --no-baseline --out-dir "$OUT"
-wait $WRITER; echo "folder written: $(tail -n 1 "$OUT/write_folder.log")"
-
-TRAIN="python3 train.py --preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 \
-    --batches-per-epoch 1 --epochs 2"
-stage train_sd14 200 $TRAIN --name sd14
-stage train_sd14_cudagraphs 200 env TORCHINDUCTOR_CUDAGRAPHS=1 $TRAIN --name cudagraphs
-stage train_sd14_tb16 200 $TRAIN --name tb16 --train-batch-size 16 --grad-accum 1
-for run in sd14 cudagraphs tb16; do
+ARGS="--preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 --batches-per-epoch 1 \
+    --epochs 3"
+# train.py with a call that marks each training step's start for CUDA graphs, from outside (no change to train.py)
+MARKED="import sys, torch, train
+loss = train.ddpo_step_loss
+train.ddpo_step_loss = lambda *a: (torch.compiler.cudagraph_mark_step_begin(), loss(*a))[1]
+sys.argv[0] = 'train.py'; train.main(*train.parse_settings())"
+stage train_sd14_cudagraphs 270 env TORCHINDUCTOR_CUDAGRAPHS=1 python3 -c "$MARKED" $ARGS --grad-accum 2 --name cudagraphs
+stage train_sd14_tb16 270 python3 train.py $ARGS --train-batch-size 16 --grad-accum 1 --name tb16
+for run in cudagraphs tb16; do
     cp "/tmp/runs/$run/metrics.jsonl" "$OUT/metrics_$run.jsonl" 2> /dev/null && cat "$OUT/metrics_$run.jsonl"
 done
 echo "== done after $SECONDS s"
