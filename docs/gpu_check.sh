@@ -5,7 +5,7 @@
 #
 # In order of what is still unknown (docs/RESULTS.md, "The third lent H200"):
 # 1. train.py with inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1) and torch.compiler.cudagraph_mark_step_begin()
-#    before each training step, patched in from outside: without the call, torch 2.11 stopped in the first backward
+#    before each call of the compiled UNet, patched in from outside: without it, torch 2.11 stopped in the first backward
 #    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run");
 # 2. train.py at train batch 16 (sampling batch 16), to its steady state: the last GPU ran out of time in epoch 1.
 # Both use the sd14 defaults otherwise (bf16, compiled, 50 steps, every step trained) on one batch of 16 per epoch, so
@@ -37,10 +37,14 @@ echo "folder written after $SECONDS s"
 
 ARGS="--preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 --batches-per-epoch 1 \
     --epochs 3"
-# train.py with a call that marks each training step's start for CUDA graphs, from outside (no change to train.py)
+# train.py with each call of the compiled UNet (sampling, KL metric, training) marked as a new step for CUDA graphs,
+# patched in from outside (no change to train.py): torch.compile is wrapped before train.py calls it
 MARKED="import sys, torch, train
-loss = train.ddpo_step_loss
-train.ddpo_step_loss = lambda *a: (torch.compiler.cudagraph_mark_step_begin(), loss(*a))[1]
+compile = torch.compile
+def marked(module, **kw):
+    compiled = compile(module, **kw)
+    return lambda *a: (torch.compiler.cudagraph_mark_step_begin(), compiled(*a))[1]
+torch.compile = marked
 sys.argv[0] = 'train.py'; train.main(*train.parse_settings())"
 stage train_sd14_cudagraphs 270 env TORCHINDUCTOR_CUDAGRAPHS=1 python3 -c "$MARKED" $ARGS --grad-accum 2 --name cudagraphs
 stage train_sd14_tb16 270 python3 train.py $ARGS --train-batch-size 16 --grad-accum 1 --name tb16
