@@ -193,8 +193,8 @@ def check_settings(s, world=1):
     need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
          f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
     fits = max(k for k in range(1, min(d.grad_accum, d.train_batches) + 1) if d.train_batches % k == 0)  # below it
-    need(d.train_batches % d.grad_accum == 0, "grad_accum", f"must divide the {d.train_batches} train batches per epoch "
-         f"(samples per epoch per process / --train-batch-size); --grad-accum {fits} would")
+    need(d.train_batches % d.grad_accum == 0, "grad_accum", f"must divide the {d.train_batches} train batches per "
+         f"epoch (samples per epoch per process / --train-batch-size); --grad-accum {fits} would")
     need(d.samples_per_epoch % s.images_per_prompt == 0, "images_per_prompt",
          f"must divide the samples per epoch ({d.samples_per_epoch})")
     if s.lr == 0:
