@@ -39,6 +39,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from nanoddpo import cli
@@ -322,16 +323,29 @@ def prompts_for(s, model_dir):
     return prompts, why
 
 
+def load_model(model_dir, device, dtype, lora):
+    """SD with its frozen parts in the compute dtype (autocast would cast them on every call anyway). A fully
+    fine-tuned UNet is AdamW's fp32 master copy: the published weights exactly, not their bf16 rounding."""
+    sd = StableDiffusion.from_pretrained(model_dir, device=device, dtype=dtype if lora else torch.float32)
+    sd.vae.to(dtype)
+    sd.text_encoder.to(dtype)
+    return sd
+
+
 def base_model(sd, unet, lora, dtype):
     """The base model's UNet, for the KL to it: with LoRA the same UNet with its adapters switched off (no copy);
-    with full fine-tuning a frozen copy of the published weights in the compute dtype (one more UNet in memory:
-    1.7 GB in bf16 at SD v1-4 size, 4.3 MB on the tiny model), compiled if the UNet is."""
+    with full fine-tuning a frozen copy of the published weights (1.7 GB in bf16 at SD v1-4 size), compiled if the UNet
+    is. Its convs and linears take the compute dtype and its norms keep fp32, as autocast does with the policy's: before
+    training the two give the same numbers, bit for bit."""
     if lora:
         def base_unet(*args):
             with lora_off(sd.unet):
                 return unet(*args)
         return base_unet
-    frozen = copy.deepcopy(sd.unet).to(dtype).requires_grad_(False)
+    frozen = copy.deepcopy(sd.unet).requires_grad_(False)
+    for m in frozen.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.to(dtype)
     return frozen if unet is sd.unet else torch.compile(frozen, dynamic=False)
 
 
@@ -363,12 +377,12 @@ def main(s, resume_ckpt=None):
 
     # --- model, trainable weights, optimizer ------------------------------------------------------------------------
     torch.manual_seed(s.seed)  # the same LoRA init on every rank
-    sd = StableDiffusion.from_pretrained(model_dir, device=device, dtype=compute_dtype if cuda else torch.float32)
+    sd = load_model(model_dir, device, compute_dtype, s.lora)
     sd.unet.grad_checkpoint = s.grad_checkpoint
     if s.lora:
         params = lora_parameters(add_lora(sd.unet, s.lora_rank))  # new LoRA weights are fp32
     else:
-        params = list(sd.unet.float().requires_grad_(True).parameters())  # fp32 master weights
+        params = list(sd.unet.requires_grad_(True).parameters())  # fp32 master weights
     ranks.log(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.3f} M ({'LoRA' if s.lora else 'full UNet'})")
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay,
                                   eps=s.adam_eps)

@@ -128,6 +128,30 @@ def test_kl_to_base_weighs_only_in_the_penalty(tiny_model_dir):
     assert all(p.grad is not None for p in sd.unet.parameters() if p.requires_grad)
 
 
+def test_full_fine_tuning_starts_from_the_published_fp32_weights(tiny_model_dir):
+    # Under bf16 the frozen parts load in bf16, but a fully fine-tuned UNet is AdamW's fp32 master copy: it must be the
+    # published weights exactly, not their bf16 rounding. With LoRA the UNet's published weights are frozen: bf16.
+    published = StableDiffusion.from_pretrained(tiny_model_dir)
+    full, lora = (train.load_model(tiny_model_dir, "cpu", torch.bfloat16, lora) for lora in (False, True))
+    for name, p in published.unet.state_dict().items():
+        assert torch.equal(full.unet.state_dict()[name], p), name
+    assert lora.unet.conv_in.weight.dtype == torch.bfloat16
+    for sd in (full, lora):
+        assert {p.dtype for p in [*sd.vae.parameters(), *sd.text_encoder.parameters()]} == {torch.bfloat16}
+
+
+def test_full_fine_tuning_base_gives_the_policy_numbers_under_autocast(tiny_model_dir):
+    # The frozen base for the KL: before training it must compute exactly what the fp32 policy computes under autocast,
+    # so epoch 0's KL is 0, not a rounding artefact. Casting the whole copy to bf16 rounds the norms' weights, which
+    # autocast keeps in fp32 for the policy (the outputs then differed by 0.03).
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    base = train.base_model(sd, sd.unet, False, torch.bfloat16)
+    x, ctx, neg, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.randn(1, 77, 32), torch.tensor([981, 21])
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(guided_eps(base, x, t, ctx, neg, 5.0), guided_eps(sd.unet, x, t, ctx, neg, 5.0))
+    assert base.conv_in.weight.dtype == torch.bfloat16 and base.conv_norm_out.weight.dtype == torch.float32
+
+
 def test_kl_penalty_with_lora_reaches_only_the_adapters(tiny_model_dir):
     # With LoRA the base is the same UNet with its adapters off: the penalty's gradient must reach the LoRA weights
     # and nothing else (the published weights stay frozen), and be nonzero once the adapters have moved.
