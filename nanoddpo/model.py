@@ -39,8 +39,8 @@ def GroupNorm(channels, groups, eps):
 
 
 # On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. On calls with few
-# positions (pixels or tokens x batch), as at SD's lowest levels, the copy costs more than the arithmetic (a 1280-wide
-# 3x3 conv at 2 x 2, batch 2: 24 ms a call, 4 ms from a kept copy); past 256 positions the gain is 1.3x or less. So
+# positions (pixels or tokens x batch), as at SD's lowest levels, the copy costs more than the arithmetic (2560 -> 1280
+# channels, 3x3 at 2 x 2, batch 2: 21.0 ms a call, 8.4 ms from a kept copy); past 256 positions the gain is small. So
 # while a layer's weight is frozen (sampling, the reference model, LoRA), Linear and Conv2d keep the copy between such
 # calls, keyed on the weight tensor, its version counter and storage: an optimizer step or load_state_dict makes a new
 # one (changes through `.data` are not seen). Costs: memory (SD v1-4 at 128 px: 3.7 GB; a training call frees its
@@ -115,7 +115,8 @@ class Linear(nn.Linear):
 class Conv2d(nn.Conv2d):
     """nn.Conv2d, with two CPU float32 shortcuts for SD's 512+ channel convs (same numbers up to float rounding):
 
-    - frozen weight: oneDNN's blocked copy of it is kept between calls (above);
+    - frozen weight, kernel over 1x1: oneDNN's blocked copy of it is kept between calls (above; from 8 x 8 maps up a
+      kept 1x1 weight ran 15x slower than oneDNN's own, 640 channels: 11.4 ms against 0.67 ms);
     - trained weight on small maps (12 x 12 or less): the weight gradient is one matmul of the output gradient with the
       unfolded input patches (im2col), which takes about the forward's time where oneDNN's own takes twice that (1280
       channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels, 24 x 24 or 1x1 kernels it is slower, hence the
@@ -127,8 +128,8 @@ class Conv2d(nn.Conv2d):
     blocked_min_features = 512
 
     def forward(self, x):
-        if (_keeping and self.in_channels >= self.blocked_min_features and self.groups == 1
-                and self.dilation == (1, 1) and self.padding_mode == "zeros"):
+        if (_keeping and self.in_channels >= self.blocked_min_features and self.kernel_size != (1, 1)
+                and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"):
             stride, padding = self.stride, self.padding
             blocked = _kept_blocked_weight(self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.to_mkldnn(), padding, stride, (1, 1), 1))  # no input shape: the layout depends on the weight alone

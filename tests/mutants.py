@@ -3,7 +3,7 @@
 Each entry below is a plausible slip (a sign, a missing factor, an off-by-one, a dropped restore, the wrong
 timestep) in diffusion math, RL math or the loop. For each, a copy of the repository gets that one change and the
 tests of that file run; a mutant the tests pass is MISSED, and a test should be written that fails it. All of these
-were caught when this list was last run (2026-11-26, 63 mutants); twelve of them had been missed before tests were
+were caught when this list was last run (2026-11-26, 64 mutants); twelve of them had been missed before tests were
 added.
 
     python tests/mutants.py            # every mutant
@@ -142,6 +142,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/model.py", "(x.shape[-1] + 2 * p - k) // s + 1)", "(x.shape[-2] + 2 * p - k) // s + 1)"),
  ("nanoddpo/cli.py", "libc.mallopt(M_MMAP_MAX, 0)", "libc.mallopt(M_MMAP_MAX, 65536)"),
  ("nanoddpo/cli.py", "libc.mallopt(M_TRIM_THRESHOLD, -1)", "libc.mallopt(M_TRIM_THRESHOLD, 0)"),
+ ("nanoddpo/model.py", "self.blocked_min_features and self.kernel_size != (1, 1)", "self.blocked_min_features"),
  ("train.py", "dtype=dtype if lora else torch.float32)", "dtype=dtype)"),
  ("train.py",
   "frozen = copy.deepcopy(sd.unet).requires_grad_(False)",

@@ -341,6 +341,11 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
     with torch.no_grad():
         assert torch.equal(large_maps(x), F.conv2d(x, large_maps.weight, large_maps.bias, 1, 1))
     assert large_maps not in model._kept
+    pointwise = model.Conv2d(512, 16, 1).requires_grad_(False)  # 1x1: torch's path, as oneDNN ran it 15x faster
+    x = torch.randn(2, 512, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(pointwise(x), F.conv2d(x, pointwise.weight, pointwise.bias))
+    assert pointwise not in model._kept
 
     tiny = StableDiffusion.from_pretrained(Path(__file__).resolve().parents[1] / "weights" / "tiny")
     for m in tiny.modules():  # the tiny model's runs stay bit for bit what they were: none of its layers is wide enough
