@@ -327,8 +327,7 @@ def load_model(model_dir, device, dtype, lora):
     """SD with its frozen parts in the compute dtype (autocast would cast them on every call anyway). A fully
     fine-tuned UNet is AdamW's fp32 master copy: the published weights exactly, not their bf16 rounding."""
     sd = StableDiffusion.from_pretrained(model_dir, device=device, dtype=dtype if lora else torch.float32)
-    sd.vae.to(dtype)
-    sd.text_encoder.to(dtype)
+    sd.vae.to(dtype), sd.text_encoder.to(dtype)
     return sd
 
 
@@ -343,9 +342,7 @@ def base_model(sd, unet, lora, dtype):
                 return unet(*args)
         return base_unet
     frozen = copy.deepcopy(sd.unet).requires_grad_(False)
-    for m in frozen.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.to(dtype)
+    frozen.apply(lambda m: m.to(dtype) if isinstance(m, (nn.Conv2d, nn.Linear)) else None)
     return frozen if unet is sd.unet else torch.compile(frozen, dynamic=False)
 
 

@@ -115,8 +115,7 @@ class Linear(nn.Linear):
 class Conv2d(nn.Conv2d):
     """nn.Conv2d, with two CPU float32 shortcuts for SD's 512+ channel convs (same numbers up to float rounding):
 
-    - frozen weight, kernel over 1x1: oneDNN's blocked copy of it is kept between calls (above; from 8 x 8 maps up a
-      kept 1x1 weight ran 15x slower than oneDNN's own, 640 channels: 11.4 ms against 0.67 ms);
+    - frozen weight, kernel over 1x1: oneDNN's blocked copy is kept between calls (above; a kept 1x1 ran 15x slower);
     - trained weight on small maps (12 x 12 or less): the weight gradient is one matmul of the output gradient with the
       unfolded input patches (im2col), which takes about the forward's time where oneDNN's own takes twice that (1280
       channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels, 24 x 24 or 1x1 kernels it is slower, hence the

@@ -144,9 +144,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/cli.py", "libc.mallopt(M_TRIM_THRESHOLD, -1)", "libc.mallopt(M_TRIM_THRESHOLD, 0)"),
  ("nanoddpo/model.py", "self.blocked_min_features and self.kernel_size != (1, 1)", "self.blocked_min_features"),
  ("train.py", "dtype=dtype if lora else torch.float32)", "dtype=dtype)"),
- ("train.py",
-  "frozen = copy.deepcopy(sd.unet).requires_grad_(False)",
-  "frozen = copy.deepcopy(sd.unet).requires_grad_(False).to(dtype)"),
+ ("train.py", "m.to(dtype) if isinstance(m, (nn.Conv2d, nn.Linear)) else None", "m.to(dtype)"),
 ]
 
 
