@@ -530,6 +530,8 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "--train-batch-size 2: must divide"),
     (["--grad-accum", "3"], "--grad-accum 3: must divide the 10 train batches per epoch (samples per epoch per process / "
                              "--train-batch-size); --grad-accum 2 would"),
+    (["--grad-accum", "12"], "--grad-accum 12: must divide the 10 train batches per epoch (samples per epoch per "
+                              "process / --train-batch-size); --grad-accum 10 would"),  # all of them: the largest
     (["--images-per-prompt", "0"], "--images-per-prompt 0: must be at least 1"),
     (["--batch-size", "6", "--batches-per-epoch", "1", "--train-batch-size", "2", "--grad-accum", "1",
       "--images-per-prompt", "4"], "--images-per-prompt 4: must divide the samples per epoch (6)"),
