@@ -43,7 +43,8 @@ import torch
 from nanoddpo.cli import first_line, is_out_of_memory, keep_freed_memory
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_parameters
-from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer, torch_layers
+from nanoddpo.cpu_layers import torch_layers
+from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer
 from nanoddpo.world import write_tokenizer
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "RTX 4090": 165}  # dense bf16

@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import warnings
-import weakref
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,159 +28,14 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 
+from nanoddpo.cpu_layers import Conv2d, Linear  # nn.Conv2d and nn.Linear, with fast paths on a CPU
+
 # -----------------------------------------------------------------------------
 # Building blocks shared by the UNet and the VAE
 
 
 def GroupNorm(channels, groups, eps):
     return nn.GroupNorm(groups, channels, eps=eps)
-
-
-# On a CPU in float32, oneDNN copies a wide layer's weight into its blocked layout on every call. On calls with few
-# positions (pixels or tokens x batch), as at SD's lowest levels, the copy costs more than the arithmetic (2560 -> 1280
-# channels, 3x3 at 2 x 2, batch 2: 21.0 ms a call, 8.4 ms from a kept copy); past 256 positions the gain is small. So
-# while a layer's weight is frozen (sampling, the reference model, LoRA), Linear and Conv2d keep the copy between such
-# calls, keyed on the weight tensor, its version counter and storage: an optimizer step or load_state_dict makes a new
-# one (changes through `.data` are not seen). Costs: memory (SD v1-4 at 128 px: 3.7 GB; a training call frees its
-# layer's copy) and rounding (oneDNN's blocked sums: relative error 7e-7 per conv, aten's 2e-7). GPUs, autocast,
-# torch.compile and the tiny model's narrow layers (below blocked_min_features) always take torch's own path.
-KEPT_MAX_POSITIONS = 256
-# oneDNN's ops that take a blocked weight, as torch's own CPU compiler uses them; False inside torch_layers()
-_keeping = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-_kept = weakref.WeakKeyDictionary()  # layer -> (its weight, the weight's version, blocked copy); not in state_dict
-
-
-@contextmanager
-def torch_layers():
-    """Inside this block Linear and Conv2d take torch's own path: FlopCounterMode, for one, counts only aten's ops."""
-    global _keeping
-    before, _keeping = _keeping, False
-    try:
-        yield
-    finally:
-        _keeping = before
-
-
-def _kept_blocked_weight(layer, x, reorder):
-    """For a layer wide enough: its weight in oneDNN's blocked layout, kept from the last call if it has not changed
-    since; None where torch's own path runs (and a training call drops the kept copy: stale after the step)."""
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
-        return None
-    weight = layer.weight
-    if torch.is_grad_enabled() and (weight.requires_grad or layer.bias is not None and layer.bias.requires_grad):
-        _kept.pop(layer, None)
-        return None
-    if (x.numel() > KEPT_MAX_POSITIONS * weight.shape[1] or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")):
-        return None
-    kept = _kept.get(layer)
-    if kept is None or kept[0]() is not weight or kept[1] != (weight._version, weight.data_ptr()):
-        kept = (weakref.ref(weight), (weight._version, weight.data_ptr()), reorder(weight.detach()))
-        _kept[layer] = kept
-    return kept[2]
-
-
-class _BlockedWeight(torch.autograd.Function):
-    """A frozen layer's forward from its kept blocked weight; the backward gives the input's gradient only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, forward, input_grad):
-        ctx.save_for_backward(weight)
-        ctx.input_grad, ctx.x_shape = input_grad, x.shape
-        return forward(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, = ctx.saved_tensors
-        return ctx.input_grad(ctx.x_shape, weight, grad), None, None, None
-
-
-class Linear(nn.Linear):
-    """nn.Linear, keeping oneDNN's blocked copy of a frozen float32 weight on a CPU (above)."""
-
-    blocked_min_features = 320  # SD's narrowest; the bundled tiny model's widest is 256
-
-    def forward(self, x):
-        if _keeping and self.in_features >= self.blocked_min_features:
-            blocked = _kept_blocked_weight(self, x, torch.ops.mkldnn._reorder_linear_weight)
-            if blocked is not None:
-                return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._linear_pointwise(
-                    x, blocked, self.bias, "none", [], ""), lambda shape, w, grad: grad @ w)
-        return super().forward(x)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d, with two CPU float32 shortcuts for SD's 512+ channel convs (same numbers up to float rounding):
-
-    - frozen weight, kernel over 1x1: oneDNN's blocked copy is kept between calls (above; a kept 1x1 ran 15x slower);
-    - trained weight on small maps (12 x 12 or less): the weight gradient is one matmul of the output gradient with the
-      unfolded input patches (im2col), which takes about the forward's time where oneDNN's own takes twice that (1280
-      channels at 6 x 6: 0.05 s instead of 0.10 s; at 320 channels, 24 x 24 or 1x1 kernels it is slower, hence the
-      limits); from 1024 channels at 6 x 6 or less the forward and the input gradient are matmuls too (at 8 x 8 they
-      were 35% slower than oneDNN's once freed memory is reused: nanoddpo/cli.py's keep_freed_memory).
-    Everywhere else (GPUs, autocast, larger maps, the tiny models) it is nn.Conv2d."""
-
-    matmul_grad_max_pixels, matmul_grad_min_channels, matmul_all_min_channels, matmul_all_max_pixels = 144, 512, 1024, 36
-    blocked_min_features = 512
-
-    def forward(self, x):
-        if (_keeping and self.in_channels >= self.blocked_min_features and self.kernel_size != (1, 1)
-                and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"):
-            stride, padding = self.stride, self.padding
-            blocked = _kept_blocked_weight(self, x, lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
-                w.to_mkldnn(), padding, stride, (1, 1), 1))  # no input shape: the layout depends on the weight alone
-            if blocked is not None:
-                return _BlockedWeight.apply(x, self.weight, lambda x: torch.ops.mkldnn._convolution_pointwise(
-                    x, blocked, self.bias, padding, stride, (1, 1), 1, "none", [], ""),
-                    lambda shape, w, grad: torch.nn.grad.conv2d_input(shape, w, grad, stride, padding))
-        if (self.in_channels >= self.matmul_grad_min_channels and self.kernel_size != (1, 1)
-                and x.shape[-2] * x.shape[-1] <= self.matmul_grad_max_pixels and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.weight.requires_grad and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu")):
-            return _ConvIm2col.apply(x, self.weight, self.bias, self.stride, self.padding,
-                                     self.in_channels >= self.matmul_all_min_channels
-                                     and x.shape[-2] * x.shape[-1] <= self.matmul_all_max_pixels)
-        return super().forward(x)
-
-
-class _ConvIm2col(torch.autograd.Function):
-    """The weight gradient as one matmul with the unfolded input patches (im2col); with `all_matmul` the forward and
-    the input gradient too (the patches times the weight, and the weight's transpose times the output gradient folded
-    back), which skips oneDNN's per-call copy of the weight (above): 1.3-2.4x faster at 1280 channels on 2x2 to 8x8."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, all_matmul):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding, ctx.all_matmul = stride, padding, all_matmul
-        if not all_matmul:
-            return F.conv2d(x, weight, bias, stride, padding)
-        (k, _), (s, _), (p, _) = weight.shape[-2:], stride, padding
-        # one matmul with a row per output pixel (B H' W' rows), so the weight is read once; as weight @ patches
-        # torch ran one matmul per image, each reading the whole weight (1280 channels at 2 x 2: 18 ms, now 5 ms)
-        patches = F.unfold(x, k, padding=p, stride=s)  # (B, C_in k k, H' W')
-        out = patches.transpose(1, 2).reshape(-1, patches.shape[1]) @ weight.flatten(1).t()  # (B H' W', C_out)
-        if bias is not None:
-            out = out + bias
-        h, w = (x.shape[-2] + 2 * p - k) // s + 1, (x.shape[-1] + 2 * p - k) // s + 1
-        return out.view(len(x), h, w, -1).permute(0, 3, 1, 2).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0] and ctx.all_matmul:
-            rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]) @ weight.flatten(1)  # (B H' W', C_in k k)
-            grad_x = F.fold(rows.view(len(x), -1, rows.shape[1]).transpose(1, 2), x.shape[-2:], weight.shape[-2:],
-                            padding=ctx.padding, stride=ctx.stride)
-        elif ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, ctx.stride, ctx.padding)
-        if ctx.needs_input_grad[1]:
-            patches = F.unfold(x, weight.shape[-2:], padding=ctx.padding, stride=ctx.stride)  # (B, C_in k k, H'W')
-            grad_weight = torch.einsum("bol,bkl->ok", grad.flatten(2), patches).view_as(weight)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class ResnetBlock(nn.Module):

@@ -55,14 +55,14 @@ def test_text_encoder_matches_transformers(sd, layers):
         assert rel_err(sd.text_encoder(ids), ref(ids).last_hidden_state) < 1e-5
 
 
-@pytest.fixture(params=["torch layers", "kept oneDNN weights"])
+@pytest.fixture(params=["torch layers", "oneDNN layers"])
 def layers(request, monkeypatch):
     """Run a test twice: as the tiny model runs (every layer is torch's own), and with every Linear and Conv2d forced
-    onto the CPU path that SD's wide frozen layers take (model.py keeps oneDNN's blocked copy of their weights)."""
-    from nanoddpo import model
+    onto the CPU paths that SD's wide layers take (nanoddpo/cpu_layers.py: oneDNN's matmuls and kept blocked weights)."""
+    from nanoddpo import cpu_layers as model
 
-    blocked = request.param == "kept oneDNN weights"
-    if blocked and not model._keeping:
+    blocked = request.param == "oneDNN layers"
+    if blocked and not model._onednn:
         pytest.skip("this torch build has no oneDNN")
     for layer in (model.Linear, model.Conv2d):
         monkeypatch.setattr(layer, "blocked_min_features", 0 if blocked else 10**9)
@@ -256,7 +256,7 @@ def test_grad_checkpoint_gives_the_same_output_and_gradients(sd):
 def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
     """The training step's numbers: every weight's gradient equals diffusers', with nn.Conv2d's weight gradient and with
     model.Conv2d's matmul one (used on CPU for SD's wide, small maps; forced here on the tiny model's 32/64 channels)."""
-    from nanoddpo.model import Conv2d
+    from nanoddpo.cpu_layers import Conv2d
 
     diffusers = pytest.importorskip("diffusers")
     monkeypatch.setattr(Conv2d, "matmul_grad_min_channels", 0 if matmul_grad else 10**9)
@@ -283,7 +283,7 @@ def test_unet_gradients_match_diffusers(sd, monkeypatch, matmul_grad):
 def test_conv2d_matmul_weight_gradient(stride, size, all_matmul):
     """Conv2d's im2col path (SD's wide, small maps on a CPU): the weight gradient as a matmul, and with all_matmul the
     forward and the input gradient too, all equal to F.conv2d's, strided and on odd, non-square sizes included."""
-    from nanoddpo.model import Conv2d
+    from nanoddpo.cpu_layers import Conv2d
 
     torch.manual_seed(0)
     conv = Conv2d(8, 16, 3, stride=stride, padding=1)
@@ -303,19 +303,47 @@ def test_conv2d_matmul_weight_gradient(stride, size, all_matmul):
         assert rel_err(ours, ref) < 1e-6
 
 
+@pytest.mark.parametrize("trained", ["weight and bias", "bias", "nothing"])
+def test_wide_linear_layers_on_onednn_matmuls_give_torchs_gradients(trained):
+    """SD's wide Linear layers on a CPU run each matmul on oneDNN (cpu_layers.py) where no kept weight serves: a weight or a
+    bias that trains, or more than 256 tokens. The output and every gradient asked for must be torch's, and the input
+    is saved for the backward only when the weight trains (LoRA's frozen base would otherwise hold it twice)."""
+    from nanoddpo import cpu_layers as model
+
+    if not model._onednn:
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    layer = model.Linear(320, 48)
+    layer.weight.requires_grad_(trained == "weight and bias")
+    layer.bias.requires_grad_(trained != "nothing")
+    x = torch.randn(2, 150, 320, requires_grad=True)  # 300 tokens: past what the kept weights serve
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = layer(x)
+    assert "_Matmul" in type(out.grad_fn).__name__ and (x.shape in saved) == (trained == "weight and bias")
+    ref = F.linear(x, layer.weight, layer.bias)
+    assert rel_err(out, ref) < 1e-6
+    wanted, grad = [t for t in (x, layer.weight, layer.bias) if t.requires_grad], torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(ref, wanted, grad)):
+        assert ours.shape == theirs.shape and rel_err(ours, theirs) < 1e-6
+
+
 def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
-    """SD's wide frozen layers on a CPU run from a kept blocked copy of the weight (model.py). It must give torch's
+    """SD's wide frozen layers on a CPU run from a kept blocked copy of the weight (cpu_layers.py). It must give torch's
     numbers (to float rounding: a 4,608-term sum), be remade after any change to the weight (an optimizer step,
     load_state_dict, a new tensor), give the input's gradient, and step aside (freeing the copy) when the weight
     trains, under torch_layers(), on large maps and for every layer of the tiny model."""
-    from nanoddpo import model
+    from nanoddpo import cpu_layers as model
 
-    if not model._keeping:
+    if not model._onednn:
         pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
+    as_matmul = model.Conv2d(512, 16, 3, stride=2, padding=1)
+    as_matmul.matmul_all_min_channels = 512  # its input gradient as a matmul, folded (SD's 1280 channels at 2 x 2)
     cases = [(model.Linear(320, 24), torch.randn(2, 5, 320), lambda l, x: F.linear(x, l.weight, l.bias)),
              (model.Conv2d(512, 16, 3, stride=2, padding=1), torch.randn(2, 512, 5, 5),
-              lambda l, x: F.conv2d(x, l.weight, l.bias, 2, 1))]
+              lambda l, x: F.conv2d(x, l.weight, l.bias, 2, 1)),
+             (as_matmul, torch.randn(2, 512, 5, 5), lambda l, x: F.conv2d(x, l.weight, l.bias, 2, 1))]
     for layer, x, torch_layer in cases:
         layer.requires_grad_(False)
         with torch.no_grad():
@@ -330,11 +358,11 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
                 assert torch.equal(layer(x), torch_layer(layer, x))
         x.requires_grad_(True)
         grads = [torch.autograd.grad(f(x).pow(2).sum(), x)[0] for f in (layer, lambda x: torch_layer(layer, x))]
-        assert "_BlockedWeight" in type(layer(x).grad_fn).__name__ and rel_err(*grads) < 1e-5
-        layer.requires_grad_(True)  # a trained weight: torch's path, and the kept copy (stale after a step) is freed
+        assert layer in model._kept and rel_err(*grads) < 1e-5
+        layer.requires_grad_(True)  # a trained weight: no kept copy (stale after a step), and the old one is freed
         out = layer(x)
-        assert "_BlockedWeight" not in type(out.grad_fn).__name__ and layer not in model._kept
-        assert torch.equal(out, torch_layer(layer, x))
+        assert layer not in model._kept
+        assert rel_err(out, torch_layer(layer, x)) < 1e-5
 
     large_maps = model.Conv2d(512, 16, 3, padding=1).requires_grad_(False)  # 289 positions: torch's path
     x = torch.randn(1, 512, 17, 17)

@@ -232,6 +232,37 @@ def test_unet_matches_diffusers(sd):
     gc.collect()
 
 
+def test_unet_gradients_match_diffusers(sd):
+    """The training step at full width, where the CPU fast paths of nanoddpo/cpu_layers.py run (oneDNN matmuls, kept
+    weights, im2col convs at 2 x 2 and 4 x 4): with the weights frozen (LoRA's base), the gradients of the latents and
+    of the text context; then every weight's gradient, with all of them trained. 16 x 16 latents, batch 2."""
+    from diffusers import UNet2DConditionModel
+
+    ref = sharing_reference(lambda: UNet2DConditionModel.from_config(reference_config("unet")), sd.unet.state_dict())
+    torch.manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([981, 21]), torch.randn(2, 77, 768)
+    weights = torch.randn(2, 4, 16, 16)  # a loss that weighs every output differently
+    grads = []
+    for unet in (sd.unet, lambda *a: ref(*a).sample):
+        inputs = [x.clone().requires_grad_(), context.clone().requires_grad_()]
+        grads.append(torch.autograd.grad((unet(inputs[0], t, inputs[1]) * weights).sum(), inputs))
+    for name, ours, theirs in zip(("latents", "context"), *grads):
+        assert rel_err(ours, theirs) < 1e-5, name
+    try:
+        for module in (sd.unet, ref):
+            module.requires_grad_(True)
+            (module(x, t, context) if module is sd.unet else module(x, t, context).sample).mul(weights).sum().backward()
+        theirs = dict(ref.named_parameters())
+        errors = {name: rel_err(p.grad, theirs[name].grad) for name, p in sd.unet.named_parameters()}
+        print(f"\nworst weight gradient: {max(errors, key=errors.get)} {max(errors.values()):.2e}")
+        assert len(errors) == len(theirs) and max(errors.values()) < 1e-5
+    finally:
+        for module in (sd.unet, ref):
+            module.requires_grad_(False).zero_grad(set_to_none=True)
+    del ref
+    gc.collect()
+
+
 def test_vae_matches_diffusers(sd):
     from diffusers import AutoencoderKL
 
