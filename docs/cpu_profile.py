@@ -4,7 +4,7 @@ How close the full training call comes to this CPU's peak, and which matmuls and
     python docs/cpu_profile.py              # from the repo root: about 2 minutes on 2 cores at 16 x 16 latents
     python docs/cpu_profile.py --latent 24 --threads 4
 
-1. the fp32 matmul peak of this machine, at square and at SD-shaped sizes;
+1. the fp32 matmul peak of this machine, at square and at SD-shaped sizes, torch's (MKL) and oneDNN's;
 2. the bench's full fine-tuning call (nanoddpo.bench.training_call on SD v1-4 at full size, random weights): its
    FLOPs from torch's FlopCounterMode, its median time, so GFLOP/s and the share of that peak;
 3. one profiled call, ops grouped by input shape, with each row's GFLOP/s (torch.profiler's FLOP count).
@@ -23,6 +23,7 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoddpo import bench  # noqa: E402
 from nanoddpo.cli import keep_freed_memory  # noqa: E402
+from nanoddpo.cpu_layers import _mm  # noqa: E402
 from nanoddpo.ddim import DDIM  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,10 +45,12 @@ def median_time(f, repeats=5):
     return statistics.median(times)
 
 
-for m, k, n in [(2048, 2048, 2048), (1280, 11520, 128), (1280, 128, 11520), (320, 2880, 512), (8, 11520, 1280)]:
+for m, k, n in [(2048, 2048, 2048), (1280, 11520, 128), (1280, 128, 11520), (320, 2880, 512), (8, 11520, 1280),
+                (32, 1280, 10240)]:
     a, b = torch.randn(m, k), torch.randn(k, n)
-    t = median_time(lambda: a @ b)
-    print(f"matmul {m} x {k} x {n}: {t * 1e3:.2f} ms, {2 * m * k * n / t / 1e9:.0f} GFLOP/s")
+    t, t_onednn = median_time(lambda: a @ b), median_time(lambda: _mm(a, b.t()))
+    print(f"matmul {m} x {k} x {n}: {t * 1e3:.2f} ms, {2 * m * k * n / t / 1e9:.0f} GFLOP/s; "
+          f"oneDNN's (cpu_layers.py): {t_onednn * 1e3:.2f} ms, {2 * m * k * n / t_onednn / 1e9:.0f} GFLOP/s")
 
 a = bench.parse_args(["--no-baseline", "--latent", str(args.latent)])
 bench.fill_defaults(a, False)
