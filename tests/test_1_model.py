@@ -359,6 +359,9 @@ def test_frozen_wide_layers_keep_onednn_weights_and_see_every_change():
         x.requires_grad_(True)
         grads = [torch.autograd.grad(f(x).pow(2).sum(), x)[0] for f in (layer, lambda x: torch_layer(layer, x))]
         assert layer in model._kept and rel_err(*grads) < 1e-5
+        layer.bias.requires_grad_(True)  # a trained bias on a frozen weight gets its gradient (the kept path has none)
+        grads = [torch.autograd.grad(f(x).pow(2).sum(), layer.bias)[0] for f in (layer, lambda x: torch_layer(layer, x))]
+        assert rel_err(*grads) < 1e-5
         layer.requires_grad_(True)  # a trained weight: no kept copy (stale after a step), and the old one is freed
         out = layer(x)
         assert layer not in model._kept
