@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoddpo.cli import Parser, check_device, keep_freed_memory, need, number, run
+from nanoddpo.cli import IMAGE_SUFFIXES, Parser, check_device, check_output, keep_freed_memory, need, number, run
 from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
@@ -55,11 +55,16 @@ def trained_steps(ckpts):
 
 def main(args):
     need(args.steps is None or args.steps >= 1, "steps", args.steps, "must be at least 1")
+    need(args.steps is None or args.steps <= 1000, "steps", args.steps,
+         "must be at most 1000 (the schedule's training steps)")
     need(args.guidance >= 0, "guidance", args.guidance, "must be 0 or more (1 is no guidance)")
     need(args.per_prompt >= 1, "per_prompt", args.per_prompt, "must be at least 1")
-    need(all(seed >= 0 for seed in args.seeds or []), "seeds", args.seeds, "must be 0 or more")
+    need(all(0 <= seed < 2**63 for seed in args.seeds or []), "seeds", args.seeds, "must be 0 or more and below 2**63")
     need(args.batch_size >= 1, "batch_size", args.batch_size, "must be at least 1")
     check_device(args.device)
+    check_output(args.out, "out", IMAGE_SUFFIXES)  # now, not after every image is sampled
+    if args.scores:
+        check_output(args.scores, "scores", (".json",))
     args.model = str(resolve_model(args.model))
     print(f"base model: {args.model}")
     ckpts = args.ckpt or ["base"] + [str(c) for c in [latest_run_checkpoint()] if c is not None]
@@ -107,6 +112,7 @@ def main(args):
     grid(rows, row_labels, labels, list(first.values()) if first else None).save(args.out)
     print(f"wrote {args.out}")
     if args.scores:
+        Path(args.scores).parent.mkdir(parents=True, exist_ok=True)
         Path(args.scores).write_text(json.dumps(dict(prompts=column_prompts, seeds=column_seeds, steps=args.steps, scores={
             name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()})))
         print(f"wrote {args.scores}")

@@ -28,8 +28,10 @@ from nanoddpo.model import LoadError, save_json, save_safetensors
 
 
 def checkpoints_of(run):
-    """A run's checkpoints, oldest first."""
-    return sorted(Path(run, "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[-1]))
+    """A run's checkpoints, oldest first: the folders step_<N>. Anything else there (a user's step_final, a file) is
+    not one, and is neither read nor removed by save_checkpoint."""
+    found = [p for p in Path(run, "checkpoints").glob("step_*") if p.name[5:].isdecimal() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_run_checkpoint(runs="runs"):

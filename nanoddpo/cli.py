@@ -14,10 +14,13 @@ import argparse
 import ctypes
 import dataclasses
 import inspect
+import math
 import os
 import platform
 import re
 import sys
+import tempfile
+from pathlib import Path
 
 YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -41,6 +44,27 @@ def check_device(device, flag="device"):
         need(index < n, flag, device, f"no such GPU: this machine has {n} CUDA device(s)" + " (use cpu)" * (n == 0))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what PIL writes here without a plugin
+
+
+def check_output(path, flag, suffixes=None):
+    """An output written at the end of a run, checked before the work so that it is not lost: a file ending in one of
+    `suffixes` (a folder when None) under a folder that exists or can be made, and is writable. Leaves nothing behind."""
+    path = Path(path)
+    if suffixes:
+        need(path.suffix.lower() in suffixes, flag, path, f"must end in {', '.join(suffixes)}")
+        need(not path.is_dir(), flag, path, "is a folder: give a file name")
+    else:
+        need(path.is_dir() or not path.exists(), flag, path, "is a file: give a folder")
+    folder = path.parent if suffixes else path
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    need(existing.is_dir(), flag, path, f"{existing} is a file, not a folder")
+    try:  # a real write: os.access says yes to root even where nothing can be written (/proc, a read-only mount)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        need(False, flag, path, f"cannot write into {existing} ({e.strerror}); choose another place")
+
+
 def yes_no(text):
     if text.lower() not in YES + NO:
         raise argparse.ArgumentTypeError(f"{text}: say one of {', '.join(YES)} or {', '.join(NO)}")
@@ -50,9 +74,12 @@ def yes_no(text):
 def number(kind):
     def parse(text):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text}: expected {'a whole number' if kind is int else 'a number'}")
+        if kind is float and not math.isfinite(value):  # inf, nan, 1e400: checks like `>= 0` pass them, or fail oddly
+            raise argparse.ArgumentTypeError(f"{text}: expected a finite number")
+        return value
     return parse
 
 

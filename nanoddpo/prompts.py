@@ -55,7 +55,10 @@ class PromptError(UsageError):
 def read_prompts_file(path):
     """A .json file holds a list of strings, used as they are; any other file holds one prompt per line, with
     surrounding spaces stripped and blank lines (a trailing newline included) dropped."""
-    text = path.read_text(encoding="utf-8")
+    try:  # -sig: drops the byte-order mark Windows editors put first, which would otherwise start the first prompt
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise PromptError(f"prompt file {path} is not UTF-8 text: save it as UTF-8") from None
     if path.suffix != ".json":
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:

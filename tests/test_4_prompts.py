@@ -48,6 +48,17 @@ def test_load_prompts_text_file(tmp_path):
     path.write_text("\n  \n")
     with pytest.raises(PromptError, match="holds no prompt"):
         load_prompts(str(path), tmp_path)
+    path.write_bytes("\ufeffa cat\na dog\n".encode())  # the byte-order mark Notepad writes is not part of a prompt
+    assert load_prompts(str(path), tmp_path)[0] == ["a cat", "a dog"]
+
+
+def test_load_prompts_file_not_utf8(tmp_path):
+    for name in ("latin1.txt", "latin1.json"):
+        path = tmp_path / name
+        path.write_bytes('["un café"]'.encode("latin-1"))
+        with pytest.raises(PromptError) as err:
+            load_prompts(str(path), tmp_path)
+        assert str(err.value) == f"prompt file {path} is not UTF-8 text: save it as UTF-8"
 
 
 def test_load_prompts_json_file(tmp_path):

@@ -137,10 +137,19 @@ def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
 BAD_FLAGS = [  # each refused in one line before any model loads
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--steps", "many"], "--steps: many: expected a whole number"),
+    (["--steps", "1001"], "--steps 1001: must be at most 1000 (the schedule's training steps)"),
+    (["--guidance", "inf"], "--guidance: inf: expected a finite number"),
+    (["--guidance", "1e400"], "--guidance: 1e400: expected a finite number"),  # overflows to inf
     (["--guidance", "-1"], "--guidance -1.0: must be 0 or more"),
     (["--per-prompt", "0"], "--per-prompt 0: must be at least 1"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--seeds", "3", "-1"], "--seeds [3, -1]: must be 0 or more"),
+    (["--seeds", str(2**64)], f"--seeds [{2**64}]: must be 0 or more and below 2**63"),
+    # where the grid and the scores go is checked now, not after every image is sampled
+    (["--out", "grid.gif"], "--out grid.gif: must end in .png, .jpg, .jpeg, .webp"),
+    (["--out", "runs/demo/checkpoints/step_1/state.json/grid.png"], "step_1/state.json is a file, not a folder"),
+    (["--scores", "runs"], "--scores runs: must end in .json"),
+    (["--scores", "runs/demo/checkpoints/step_1/state.json/s.json"], "step_1/state.json is a file, not a folder"),
     (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:9"], "--device cuda:9: no such GPU"),
     (["--model", "no/such/model"], "no/such/model does not exist"),
@@ -156,6 +165,19 @@ def test_bad_flags_exit_with_one_clear_line(workdir, tiny_model_dir, args, messa
     status, err = command_line(str(SAMPLE), ["--model", tiny_model_dir, *args])
     assert status == 1 and message in err and "Traceback" not in err, err
     assert err.startswith("sample.py: error: ") and err.strip().count("\n") == 0
+
+
+def test_only_step_folders_are_checkpoints(tmp_path):
+    """A user's step_final folder or a file named step_7 beside the checkpoints is neither read nor sorted by int():
+    it broke sample.py's default run and train.py --resume."""
+    from nanoddpo.checkpoint import checkpoints_of, latest_run_checkpoint
+
+    ckpts = tmp_path / "runs/r/checkpoints"
+    for name in ("step_10", "step_2", "step_final", ".tmp_step_11"):
+        (ckpts / name).mkdir(parents=True)
+    (ckpts / "step_7").write_text("notes")
+    assert checkpoints_of(tmp_path / "runs/r") == [ckpts / "step_2", ckpts / "step_10"]
+    assert latest_run_checkpoint(tmp_path / "runs") == ckpts / "step_10"
 
 
 def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
