@@ -27,7 +27,6 @@ On CPU 16 x 16 latents (128 px), batch 1 (UNet batch 2), 2 trajectories of 4 DDI
     python -m nanoddpo.bench --threads 2 --latent 24           # the CPU comparison of issue 13 (slower)
     python -m nanoddpo.bench --precisions bf16 --compile-modes eager,default,reduce-overhead,max-autotune  # on a GPU
 """
-import argparse
 import json
 import os
 import statistics
@@ -40,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from nanoddpo.cli import first_line, is_out_of_memory, keep_freed_memory
+from nanoddpo.cli import (Parser, check_device, check_output, first_line, is_out_of_memory, keep_freed_memory, need,
+                          number)
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_parameters
 from nanoddpo.cpu_layers import torch_layers
@@ -59,33 +59,46 @@ def policy_loss(*args):
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sd-v1-4"
 PARTS = ("sample", "full", "lora", "epoch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 LOSS = types.SimpleNamespace(algo="ppo", clip_range=1e-4)  # what policy_loss reads: train.py's defaults
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speed of nanoddpo's UNet and a miniature DDPO epoch vs diffusers.")
+    p, whole = Parser(description="Speed of nanoddpo's UNet and a miniature DDPO epoch vs diffusers."), number(int)
     p.add_argument("--model", default="", help="a model folder; default: SD v1-4 at full size, random weights")
     p.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    p.add_argument("--latent", type=int, default=0, help="latent side; 0 = 64 on CUDA (512 px), 16 on CPU (128 px)")
-    p.add_argument("--batch", type=int, default=0, help="trajectories per sampling batch B (UNet batch 2B); 0 = 16 CUDA "
+    p.add_argument("--latent", type=whole, default=0, help="latent side; 0 = 64 on CUDA (512 px), 16 on CPU (128 px)")
+    p.add_argument("--batch", type=whole, default=0, help="trajectories per sampling batch B (UNet batch 2B); 0 = 16 CUDA "
                    "(train.py's sd14), 1 CPU")
-    p.add_argument("--train-batch", type=int, default=0, help="trajectories per train step (UNet batch x2); 0 = 8 CUDA "
+    p.add_argument("--train-batch", type=whole, default=0, help="trajectories per train step (UNet batch x2); 0 = 8 CUDA "
                    "(train.py's sd14), 1 CPU")
-    p.add_argument("--trajectories", type=int, default=0, help="N of the miniature epoch; 0 = 2 x --batch")
-    p.add_argument("--num-steps", type=int, default=0, help="DDIM steps of the miniature epoch; 0 = 50 on CUDA, 4 on CPU")
+    p.add_argument("--trajectories", type=whole, default=0, help="N of the miniature epoch; 0 = 2 x --batch")
+    p.add_argument("--num-steps", type=whole, default=0, help="DDIM steps of the miniature epoch; 0 = 50 on CUDA, 4 on CPU")
     p.add_argument("--precisions", default="", help="comma list of fp32,bf16,fp16; default all on CUDA, fp32 on CPU")
-    p.add_argument("--compile-modes", default="", help="comma list of eager,default,reduce-overhead,max-autotune; "
+    p.add_argument("--compile-modes", default="", help=f"comma list of {','.join(COMPILE_MODES)}; "
                    "default all on CUDA, eager on CPU (compiling SD's UNet takes many minutes there)")
     p.add_argument("--epoch", default="first", choices=["first", "all", "none"],
                    help="run the miniature epoch for the first variant only, every variant, or not at all")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per figure (after one warm-up); the median is kept")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    p.add_argument("--repeats", type=whole, default=3, help="timed calls per figure (after one warm-up); the median is kept")
+    p.add_argument("--threads", type=whole, default=0, help="CPU threads for torch; 0 = torch's default")
     p.add_argument("--parts", default="sample,full,lora,epoch",
                    help="comma list of what to time: sample, full (fine-tuning), lora, epoch (miniature, LoRA)")
-    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--lora-rank", type=whole, default=4)
     p.add_argument("--no-baseline", action="store_true", help="skip diffusers' UNet")
     p.add_argument("--out-dir", default="runs/bench")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    # bad input in one line before anything is built; the lists of names are checked by fill_defaults
+    check_device(a.device)
+    for flag in ("latent", "batch", "train_batch", "trajectories", "num_steps"):
+        need(getattr(a, flag) >= 0, flag, getattr(a, flag), "must be 0 (the device's default) or more")
+    need(a.num_steps <= 1000, "num_steps", a.num_steps, "must be at most 1000 (the schedule's training steps)")
+    need(a.repeats >= 1, "repeats", a.repeats, "must be at least 1")
+    need(a.lora_rank >= 1, "lora_rank", a.lora_rank, "must be at least 1")
+    need(0 <= a.threads <= 1024, "threads", a.threads, "must be 0 (torch's default) to 1024")
+    bad = [m for m in a.compile_modes.split(",") if m not in COMPILE_MODES] if a.compile_modes else []
+    need(not bad, "compile_modes", a.compile_modes, f"choose from {', '.join(COMPILE_MODES)}")
+    check_output(a.out_dir, "out_dir")  # a file there would end the bench after all its minutes
+    return a
 
 
 def fill_defaults(a, cuda):
@@ -125,6 +138,9 @@ def build_models(a, device):
             tokenizer = load_tokenizer(Path(tmp))
         torch.manual_seed(0)
         sd = StableDiffusion(*cfgs, tokenizer).to(device).eval().requires_grad_(False)
+    levels = len(sd.unet.cfg["block_out_channels"])  # each level but the last halves the latent; the up path must match
+    need(a.latent % 2 ** (levels - 1) == 0, "latent", a.latent, f"must be a multiple of {2 ** (levels - 1)} for this "
+         f"UNet's {levels} levels")
     f = sd.image_size // sd.latent_shape[1]
     sd.latent_shape, sd.image_size = (sd.latent_shape[0], a.latent, a.latent), a.latent * f  # what sample() draws
 
@@ -488,8 +504,8 @@ def run(a, device, heap):
 
 
 def main(argv=None):
-    a = parse_args(argv)
     try:
+        a = parse_args(argv)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
         fill_defaults(a, device.type == "cuda")
         if a.threads:

@@ -21,15 +21,14 @@ Export a trained checkpoint for use outside nanoddpo.
 
 The base model is the one the run trained from (its state.json), or --model.
 """
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of
+from nanoddpo.cli import Parser, check_output, number, run
 from nanoddpo.model import LoadError, StableDiffusion, save_json, save_safetensors
 from nanoddpo.single_file import SD_V1, save_single_file
 
@@ -122,17 +121,18 @@ def export(run, out, step=None, base=None, single_file=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run folder, runs/<name>")
-    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    parser.add_argument("--step", type=number(int), help="the checkpoint's step (default: the latest)")
     parser.add_argument("--out", required=True, help="folder to write into")
     parser.add_argument("--single-file", action="store_true", help="full fine-tuning: also one original-layout file")
     parser.add_argument("--model", help="the base model (default: the one in the checkpoint's state.json)")
-    args = parser.parse_args(argv)
-    try:
-        export(args.run, args.out, args.step, args.model, args.single_file)
-    except LoadError as e:
-        sys.exit(f"nanoddpo.export: error: {e}")
+
+    def checked_export():
+        args = parser.parse_args(argv)
+        check_output(args.out, "out")  # before a full model is loaded and rebuilt
+        return export(args.run, args.out, args.step, args.model, args.single_file)
+    return run("nanoddpo.export", checked_export)
 
 
 if __name__ == "__main__":

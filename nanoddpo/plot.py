@@ -7,24 +7,35 @@ the scores that `sample.py --reward jpeg tinyworld --scores FILE` writes.
     python -m nanoddpo.plot runs/cmp-jpeg-* --out runs/jpeg.png   # several together, labelled by folder name
     python -m nanoddpo.plot --tradeoff runs/kl_scores.json --out docs/kl_tradeoff.png
 """
-import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from nanoddpo.cli import IMAGE_SUFFIXES, Parser, UsageError, check_output, first_line, run
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 
 def read_curve(run):
     """(samples seen after each epoch, mean reward of that epoch) from run/metrics.jsonl."""
-    seen, xs, ys = 0, [], []
-    for line in Path(run, "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
+    path, seen, xs, ys = Path(run, "metrics.jsonl"), 0, [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            m = json.loads(line)
+            ok = all(isinstance(m[k], (int, float)) and math.isfinite(m[k]) for k in ("samples", "reward_mean"))
+        except (ValueError, KeyError, TypeError):  # not JSON, a key missing, not an object
+            ok = False
+        if not ok:
+            raise UsageError(f"{path} line {i} is not an epoch's metrics as train.py writes them (numbers samples and "
+                             f"reward_mean): remove that line")
         seen += m["samples"]
         xs.append(seen)
         ys.append(m["reward_mean"])
+    if not xs:
+        raise UsageError(f"{path} holds no epoch: plot the run once it has finished one")
     return xs, ys
 
 
@@ -69,14 +80,20 @@ def plot(curves, title="", size=(720, 440)):
 def read_tradeoff(scores_file):
     """{run name: (JPEG gain in kB, faithfulness lost, their standard errors)} from sample.py's --scores JSON: paired
     differences from the base row on the same prompts and seeds (the jpeg reward is -kB, so a gain is smaller files)."""
-    scores = json.loads(Path(scores_file).read_text())["scores"]
-    jpeg, world = scores["jpeg"], scores["tinyworld"]
     se = lambda d: d.std(ddof=1) / np.sqrt(len(d))
     points = {}
-    for ckpt in jpeg.keys() - {"base"}:
-        gain = np.subtract(jpeg[ckpt], jpeg["base"])
-        lost = np.subtract(world["base"], world[ckpt])
-        points[Path(ckpt).parent.parent.name or ckpt] = (gain.mean(), lost.mean(), se(gain), se(lost))  # run/checkpoints/step_N
+    if not Path(scores_file).is_file():
+        raise UsageError(f"--tradeoff {scores_file}: no such file")
+    try:
+        scores = json.loads(Path(scores_file).read_text())["scores"]
+        jpeg, world = scores["jpeg"], scores["tinyworld"]
+        for ckpt in jpeg.keys() - {"base"}:
+            gain = np.subtract(jpeg[ckpt], jpeg["base"])
+            lost = np.subtract(world["base"], world[ckpt])
+            points[Path(ckpt).parent.parent.name or ckpt] = (gain.mean(), lost.mean(), se(gain), se(lost))  # run/checkpoints/step_N
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not these scores
+        raise UsageError(f"--tradeoff {scores_file}: not what `sample.py --reward jpeg tinyworld --scores FILE` writes "
+                         f"({first_line(e)})") from None
     return dict(sorted(points.items()))
 
 
@@ -100,14 +117,15 @@ def tradeoff(points, title="", size=(560, 440)):
     return img
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", help="run folders holding metrics.jsonl")
     parser.add_argument("--tradeoff", metavar="SCORES", help="instead: sample.py's --scores JSON (rewards jpeg and "
                         "tinyworld, a base row); one point per checkpoint")
     parser.add_argument("--out", default="runs/rewards.png")
     parser.add_argument("--title", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_output(args.out, "out", IMAGE_SUFFIXES)
     if args.tradeoff:
         img = tradeoff(read_tradeoff(args.tradeoff), args.title)
     else:
@@ -115,8 +133,12 @@ if __name__ == "__main__":
             parser.error("give run folders, or --tradeoff SCORES")
         missing = [r for r in args.runs if not Path(r, "metrics.jsonl").is_file()]
         if missing:
-            raise SystemExit(f"plot: error: no metrics.jsonl in {', '.join(missing)}")
+            raise UsageError(f"no metrics.jsonl in {', '.join(missing)}: give run folders that train.py wrote")
         img = plot({Path(r).name: read_curve(r) for r in args.runs}, args.title)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     img.save(args.out)
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run("plot", main)

@@ -68,19 +68,24 @@ def test_freed_memory_is_reused_without_page_faults(monkeypatch):
     assert keep_freed_memory("cuda:0").endswith("(not a CPU run)")  # a GPU run's host heap is left as it is
 
 
-def test_bench_records_every_figure_and_goes_on_past_a_failing_variant(tiny_model_dir, tmp_path, capsys):
+def test_bench_records_every_figure_and_goes_on_past_a_failing_variant(tiny_model_dir, tmp_path, capsys, monkeypatch):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    record = run_bench(tiny_model_dir, tmp_path, "--compile-modes", "eager,no-such-mode")
+
+    def no_compiler(model, mode=None, **kwargs):  # as torch.compile fails where its compiler cannot run
+        raise RuntimeError(f"cannot compile in mode {mode} here")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    record = run_bench(tiny_model_dir, tmp_path, "--compile-modes", "eager,default")
     assert record["device"] == "cpu" and record["torch"] == torch.__version__
-    assert record["settings"]["latent"] == 8 and record["settings"]["compile_modes"] == ["eager", "no-such-mode"]
+    assert record["settings"]["latent"] == 8 and record["settings"]["compile_modes"] == ["eager", "default"]
     rows = record["rows"]
     assert all(set(row) == FIELDS for row in rows)
 
-    # The unknown compile mode fails in both phases, says why, and the rows after it are still measured.
+    # The failing compile mode fails in both phases, says why, and the rows after it are still measured.
     failed = [i for i, row in enumerate(rows) if row["error"]]
-    assert [rows[i]["variant"] for i in failed] == ["fp32/no-such-mode"] * 2
-    assert all("no-such-mode" in rows[i]["error"] for i in failed)
+    assert [rows[i]["variant"] for i in failed] == ["fp32/default"] * 2
+    assert all("cannot compile in mode default" in rows[i]["error"] for i in failed)
     assert any(row["what"].startswith("train LoRA") for row in rows[failed[0] + 1:])
 
     eager = {row["what"]: row for row in rows if row["variant"] == "fp32/eager"}
@@ -105,7 +110,7 @@ def test_bench_records_every_figure_and_goes_on_past_a_failing_variant(tiny_mode
     assert eager[expected[2]]["ours"] > eager[expected[1]]["ours"]
 
     out = capsys.readouterr().out
-    assert "FAILED: RuntimeError" in out and "no-such-mode" in out and str(tmp_path) in out
+    assert "FAILED: RuntimeError: cannot compile in mode default" in out and str(tmp_path) in out
     assert "not 50, to keep the bench short" in out  # the miniature epoch says it ran fewer steps
 
 
@@ -134,14 +139,46 @@ def test_parts_time_only_what_is_asked(tiny_model_dir, tmp_path):
     (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
     (["--precisions", "fp8"], "unknown precision 'fp8'"),
     (["--parts", "sample,vae"], "unknown part 'vae'"),
+    (["--batch", "x"], "--batch: x: expected a whole number"),  # argparse's own errors too, exit code 1 not 2
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = subprocess.run([sys.executable, "-m", "nanoddpo.bench", "--device", "cpu", *args],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"bench: error: {message}"), result.stderr
+
+
+BAD_ARGS = [  # refused in one line before the bench builds anything (--latent once the model's levels are known)
+    (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99: no such GPU"),
+    (["--latent", "-8"], "--latent -8: must be 0 (the device's default) or more"),
+    (["--batch", "-1"], "--batch -1: must be 0 (the device's default) or more"),
+    (["--train-batch", "-1"], "--train-batch -1: must be 0 (the device's default) or more"),
+    (["--trajectories", "-2"], "--trajectories -2: must be 0 (the device's default) or more"),
+    (["--num-steps", "1001"], "--num-steps 1001: must be at most 1000 (the schedule's training steps)"),
+    (["--repeats", "0"], "--repeats 0: must be at least 1"),
+    (["--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+    (["--threads", "1025"], "--threads 1025: must be 0 (torch's default) to 1024"),
+    (["--compile-modes", "eager,fast"], "--compile-modes eager,fast: choose from eager, default, reduce-overhead, "
+                                        "max-autotune, max-autotune-no-cudagraphs"),
+    (["--epoch", "some"], "--epoch: invalid choice: 'some'"),
+    (["--latent", "5"], "--latent 5: must be a multiple of 2 for this UNet's 2 levels"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_settings_fail_in_one_line(tiny_model_dir, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_bench(tiny_model_dir, tmp_path, *args)
+    assert str(exit_info.value).startswith(f"bench: error: {message}") and "\n" not in str(exit_info.value)
+
+
+def test_out_dir_that_is_a_file_is_refused_before_the_bench(tiny_model_dir, tmp_path):
+    (tmp_path / "bench").write_text("")
+    with pytest.raises(SystemExit, match="--out-dir .*bench: is a file: give a folder"):
+        bench.main(["--model", str(tiny_model_dir), "--device", "cpu", "--out-dir", str(tmp_path / "bench")])
 
 
 def test_mfu_formula():

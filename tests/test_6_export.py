@@ -86,4 +86,12 @@ def test_export_errors(tiny_model_dir, tmp_path):
     make_run(tiny_model_dir, tmp_path / "runs" / "r", lora=True)
     with pytest.raises(SystemExit, match="no checkpoint at step 7; it has: step_3"):
         main([str(tmp_path / "runs" / "r"), "--step", "7", "--out", str(tmp_path / "out")])
+    # one line and exit code 1 (a str code), for argparse's errors too, and --out checked before anything loads
+    (tmp_path / "file").write_text("")
+    for args, message in [(["--step", "x", "--out", "o"], "--step: x: expected a whole number"),
+                          ([], "the following arguments are required: --out"),
+                          (["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: is a file: give a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path / "runs" / "r"), *map(str, args)])
+        assert exit_info.value.code == f"nanoddpo.export: error: {message}"
 
