@@ -85,7 +85,8 @@ def number(kind):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block and exit code 2
-        raise UsageError(message.replace("argument ", ""))
+        # argparse names a flag by all its spellings, "--kl-coef/--kl_coef": the first is the one to show
+        raise UsageError(re.sub(r"(--[\w-]+)(/--\w+)+", r"\1", message.replace("argument ", "")))
 
 
 def settings_parser(cls, presets, description):
