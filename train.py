@@ -148,12 +148,25 @@ def parse_settings(argv=None):
         saved = ckpts[-1] / "state.json" if ckpts else run / "settings.json"
         if not saved.is_file():
             raise UsageError(f"--resume {run}: no run there (no checkpoints/step_* and no settings.json)")
-        s = Settings(**{**json.loads(saved.read_text())["settings"], **given})
+        try:
+            state = json.loads(saved.read_text())
+            s = Settings(**{**state["settings"], **given})
+        except (ValueError, KeyError, TypeError) as e:  # a damaged file, or one from another version of train.py
+            raise UsageError(f"--resume {run}: {saved} cannot be read ({type(e).__name__}: {e})" +
+                             "; delete that checkpoint to resume from the one before" * bool(ckpts)) from None
+        for field in ("lora", "lora_rank") if state["settings"]["lora"] else ("lora",):  # the weights' shape
+            was = state["settings"][field]
+            cli.need(given.get(field, was) == was, field, given.get(field),
+                     f"the run trains with --{field.replace('_', '-')} {was}")
+        done = state.get("epoch", 0)
+        cli.need(done < s.epochs, "epochs", s.epochs, f"{run} has done {done} epochs: pass more to train on")
         return check_settings(s), ckpts[-1] if ckpts else None
     preset = given.get("preset", Settings.preset)
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
     task = PAPER_TASKS.get(given.get("reward", Settings.reward), {}) if preset == "sd14" else {}
+    if preset == "sd14" and given.get("lora") is False:
+        task = {**task, "lr": 1e-5}  # the authors' rate to fine-tune the whole UNet (3e-4 is LoRA's)
     s = Settings(**{**PRESETS[preset], **task, **given})
     if task:
         chosen = {k: v for k, v in task.items() if k not in given}
@@ -187,6 +200,7 @@ def check_settings(s, world=1):
     need(0 <= s.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
     need(0 <= s.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
     need(s.seed < 2**40, "seed", "must be below 2**40")
+    need(s.threads <= 1024, "threads", "must be at most 1024")
     cli.check_device(s.device)
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
@@ -251,7 +265,7 @@ def compute_advantages(s, tracker, prompts, rewards):
         out[ok] = r >= np.quantile(r, 1 - s.rwr_top_fraction)
     else:
         z = tracker.advantages([p for p, k in zip(prompts, ok) if k], r) if s.per_prompt_stats else \
-            (r - r.mean()) / (r.std() + 1e-6)
+            (r - r.mean()) / (r.std() + 1e-8)  # the authors' epsilons: 1e-6 per prompt, 1e-8 here
         out[ok] = np.clip(z, -s.adv_clip_max, s.adv_clip_max)
     return out
 
@@ -362,6 +376,8 @@ def main(s, resume_ckpt=None):
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
     d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir = resolve_model(s.model)
+    cli.need(s.preset != "sd14" or s.model or model_dir.name != "tiny", "preset", s.preset, "SD v1-4 is not in "
+             "weights/stable-diffusion-v1-4: fetch it (weights/README.md) or pass --model")
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
     prompts, why = prompts_for(s, model_dir)
     s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -430,6 +446,7 @@ def main(s, resume_ckpt=None):
 
         # --- 2. rewards of the whole epoch -> advantages of this rank's samples -------------------------------------
         rewards = ranks.gather(local_rewards, s.batches_per_epoch)
+        cli.need(np.isfinite(rewards).any(), "reward", s.reward, f"NaN or inf for every image of epoch {epoch}")
         if not np.isfinite(rewards).all():
             warnings.warn(f"epoch {epoch}: {int((~np.isfinite(rewards)).sum())} image(s) got a NaN/inf reward and are "
                           f"left out of the update")
@@ -475,6 +492,9 @@ def main(s, resume_ckpt=None):
                     global_step += 1
         bar.close()
         t_train = time.time() - t0
+        if not torch.stack([p.isfinite().all() for p in params]).all():  # the same weights on every rank: all stop
+            raise UsageError(f"epoch {epoch}: the weights became NaN or inf and were not saved: lower --lr (or "
+                             f"--max-grad-norm), or --resume {run_dir} from its last checkpoint with a lower --lr")
 
         # --- log, show, save (rank 0 only, and nothing in here waits for the other ranks) -------------------------
         if ranks.rank == 0:

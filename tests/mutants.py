@@ -152,6 +152,27 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/cpu_layers.py", "_mm(grad.transpose(0, 1).reshape(grad.shape[1], -1),", "_mm(grad.reshape(grad.shape[1], -1),"),
  ("train.py", "dtype=dtype if lora else torch.float32)", "dtype=dtype)"),
  ("train.py", "m.to(dtype) if isinstance(m, (nn.Conv2d, nn.Linear)) else None", "m.to(dtype)"),
+ # found by an audit against the authors' code (2026-11-26, seventh session): each was missed before its test
+ ("train.py", "micro = d.grad_accum * d.timesteps", "micro = d.grad_accum * s.num_steps"),
+ ("train.py", "order = torch.randperm(d.local_samples, generator=gen).to(device)",
+  "order = torch.arange(d.local_samples).to(device)"),
+ ("train.py", "for _ in range(d.inner_epochs):", "for _ in range(s.num_inner_epochs):"),
+ ("train.py", "t = torch.randint(ddim.alpha_bar.numel()", "t = torch.randint(ddim.num_steps"),
+ ("train.py", "x0 = e.latents[rows, -1]", "x0 = e.latents[rows, 0]"),
+ ("train.py", "out[ok] = np.clip(z, -s.adv_clip_max, s.adv_clip_max)", "out[ok] = np.minimum(z, s.adv_clip_max)"),
+ ("train.py", "(r.std() + 1e-8)", "(r.std() + 1e-6)"),
+ ("train.py", "weight_decay: float = 1e-4", "weight_decay: float = 1e-2"),
+ ("train.py", "adam_beta2: float = 0.999", "adam_beta2: float = 0.99"),
+ ("train.py", "clip_range: float = 1e-4", "clip_range: float = 1e-3"),
+ ("train.py", "lr: float = 3e-4", "lr: float = 1e-4"),
+ ("train.py", "adv_clip_max: float = 5.0", "adv_clip_max: float = 10.0"),
+ ("train.py", "max_grad_norm: float = 1.0", "max_grad_norm: float = 10.0"),
+ ("train.py", '"jpeg": dict(prompts="imagenet_animals")', '"jpeg": dict(prompts="simple_animals")'),
+ ("train.py", '"alignment": dict(prompts="animals_activities", stat_buffer=32',
+  '"alignment": dict(prompts="animals_activities", stat_buffer=16'),
+ ("train.py", '"lr": 1e-5', '"lr": 3e-4'),
+ ("train.py", "if not torch.stack([p.isfinite().all() for p in params]).all():",
+  "if False and torch.stack([p.isfinite().all() for p in params]).all():"),
 ]
 
 

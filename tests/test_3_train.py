@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from nanoddpo import rewards
+from nanoddpo import model, rewards
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_off, lora_parameters
 from nanoddpo.model import StableDiffusion
@@ -261,7 +261,11 @@ def test_per_prompt_stats_switch_at_exactly_min_count():
 def test_batch_advantages_are_z_scores():
     rewards = np.array([1.0, 2.0, 3.0, 10.0])
     adv = train.compute_advantages(settings(per_prompt_stats=False, adv_clip_max=100), None, ["p"] * 4, rewards)
-    assert np.allclose(adv, (rewards - 4.0) / (rewards.std() + 1e-6)) and np.isclose(adv.std(), 1.0, atol=1e-5)
+    assert np.allclose(adv, (rewards - 4.0) / rewards.std()) and np.isclose(adv.std(), 1.0, atol=1e-5)
+    # The authors' epsilon over the batch is 1e-8 (1e-6 in the per-prompt tracker): it shows on rewards 1e-7 apart
+    close = np.array([0.0, 1e-7, 2e-7, 3e-7])
+    adv = train.compute_advantages(settings(per_prompt_stats=False, adv_clip_max=100), None, ["p"] * 4, close)
+    assert np.allclose(adv, (close - close.mean()) / (close.std() + 1e-8), rtol=1e-6)
 
 
 def test_gradients_are_clipped_to_max_grad_norm(tmp_path, tiny_model_dir, monkeypatch):
@@ -277,9 +281,9 @@ def test_gradients_are_clipped_to_max_grad_norm(tmp_path, tiny_model_dir, monkey
 
 
 def test_advantages_are_clipped():
-    rewards = np.array([0.0] * 99 + [100.0])
+    rewards = np.array([0.0] * 98 + [100.0, -100.0])  # z-scores of about +-7: clipped on both sides
     adv = train.compute_advantages(settings(per_prompt_stats=False, adv_clip_max=5), None, ["p"] * 100, rewards)
-    assert adv.max() == 5.0 and adv.min() < 0
+    assert adv.max() == 5.0 and adv.min() == -5.0 and np.all(adv[:98] == 0)
 
 
 # --- the stored trajectory is scored exactly as it was sampled: ratio 1 on the first update --------------------------
@@ -391,11 +395,16 @@ def test_one_update_averages_over_batches_and_timesteps(tmp_path, tiny_model_dir
         return unet.conv_out.bias.sum(), zero, zero
     monkeypatch.setattr(train, "ddpo_step_loss", same_every_step)
     base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.bias"]
-    for fraction, accum in [(1.0, 2), (0.5, 2), (1.0, 1)]:
+    # 8 samples in train batches of 2: 4 batches, accumulated `accum` at a time, over `inner` passes; reinforce makes
+    # one update of all of them, however many inner epochs are asked for
+    for fraction, accum, algo, inner, expected in [(1.0, 2, "ppo", 1, 2), (0.5, 2, "ppo", 1, 2), (1.0, 1, "ppo", 1, 4),
+                                                   (0.5, 2, "ppo", 2, 4), (0.5, 1, "reinforce", 3, 1)]:
         kw = dict(num_steps=4, timestep_fraction=fraction, train_batch_size=2, grad_accum=accum, lr=1e3,
-                  adam_eps=1e3, weight_decay=0.0, max_grad_norm=1e9, epochs=1, name=f"{fraction}-{accum}")
+                  adam_eps=1e3, weight_decay=0.0, max_grad_norm=1e9, epochs=1, algo=algo, num_inner_epochs=inner,
+                  name=f"{fraction}-{accum}-{algo}-{inner}")
         run_dir = run(tmp_path, tiny_model_dir, **kw)
         steps = json.loads((run_dir / "metrics.jsonl").read_text())["global_step"]
+        assert steps == expected, (fraction, accum, algo, inner)
         bias = load_file(run_dir / "checkpoints" / f"step_{steps}" / "unet.safetensors")["conv_out.bias"]
         first = -1e3 * 1 / (1 + 1e3)  # Adam's first step with g = 1; later steps repeat it (m, v stay those of g = 1)
         assert torch.allclose(bias - base, torch.full_like(base, first * steps), rtol=1e-4), (fraction, accum)
@@ -428,6 +437,7 @@ def test_each_sample_trains_on_its_own_advantage_and_random_steps(tmp_path, tiny
         for row, k in zip(rows, step):
             steps.setdefault(row, []).append(k)
     assert sorted(steps) == list(range(len(sampled)))
+    assert any(rows != [rows[0], rows[0] + 1] for rows, _, _ in seen)  # train batches mix the sampling batches
     assert all(len(set(k)) == len(k) == 2 for k in steps.values())  # half of 4 steps, each once
     assert {frozenset(k) for k in steps.values()} != {frozenset({0, 1})}  # not always the first two
     assert set().union(*steps.values()) == {0, 1, 2, 3}
@@ -486,6 +496,43 @@ def test_nan_rewards_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkey
         run_dir = run(tmp_path, tiny_model_dir, name="r", reward="half-nan", epochs=1, train_batch_size=2)
     m = json.loads((run_dir / "metrics.jsonl").read_text())
     assert m["samples"] == 4 and np.isfinite(m["reward_mean"]) and np.isfinite(m["loss"])
+    monkeypatch.setitem(train.REWARDS, "all-nan", lambda: lambda images, prompts: np.full(len(images), np.nan))
+    with pytest.raises(train.UsageError, match="--reward all-nan: NaN or inf for every image of epoch 0"):
+        run(tmp_path, tiny_model_dir, name="all", reward="all-nan", epochs=1)
+
+
+def test_nan_weights_stop_the_run_before_they_are_saved(tmp_path, tiny_model_dir, monkeypatch):
+    def nan_loss(s, unet, base_unet, ddim, e, rows, step, gen):
+        zero = torch.zeros(())
+        return unet.conv_out.bias.sum() * float("nan"), zero, zero
+    monkeypatch.setattr(train, "ddpo_step_loss", nan_loss)
+    with pytest.raises(train.UsageError, match="epoch 0: the weights became NaN or inf and were not saved: lower"):
+        run(tmp_path, tiny_model_dir, name="r", epochs=1)
+    assert not list((tmp_path / "r" / "checkpoints").iterdir())
+
+
+def test_resume_refuses_what_cannot_continue(tmp_path, tiny_model_dir):
+    import re
+    full = run(tmp_path, tiny_model_dir, name="full", epochs=1)
+    with pytest.raises(train.UsageError, match=re.escape(f"--epochs 1: {full} has done 1 epochs: pass more to train")):
+        train.parse_settings(["--resume", str(full)])
+    with pytest.raises(train.UsageError, match="--lora True: the run trains with --lora False"):
+        train.parse_settings(["--resume", str(full), "--epochs", "2", "--lora", "yes"])
+    assert train.parse_settings(["--resume", str(full), "--epochs", "2", "--lora-rank", "8"])[0].epochs == 2  # unused
+    lora = run(tmp_path, tiny_model_dir, name="lora", epochs=1, lora=True, lora_rank=2)
+    with pytest.raises(train.UsageError, match="--lora-rank 4: the run trains with --lora-rank 2"):
+        train.parse_settings(["--resume", str(lora), "--epochs", "2", "--lora-rank", "4"])
+    (lora / "checkpoints" / "step_2" / "state.json").write_text("{")  # damaged
+    with pytest.raises(train.UsageError, match=r"state.json cannot be read \(JSONDecodeError: .*\); delete that"):
+        train.parse_settings(["--resume", str(lora), "--epochs", "2"])
+
+
+def test_sd14_without_its_weights_says_how_to_get_them(tmp_path, command_line, monkeypatch):
+    monkeypatch.setattr(model, "WEIGHTS", tmp_path)  # no stable-diffusion-v1-4 there: the default would be the tiny
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    status, err = command_line("train.py", ["--preset", "sd14", "--out-dir", tmp_path])
+    assert status == 1 and err == ("train.py: error: --preset sd14: SD v1-4 is not in weights/stable-diffusion-v1-4: "
+                                   "fetch it (weights/README.md) or pass --model")
 
 
 def cli(*args):
@@ -501,6 +548,9 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--lora", "ture"], "--lora: ture: say one of 1, true, yes, on or 0, false, no, off"),
     (["--epochs", "abc"], "--epochs: abc: expected a whole number"),
     (["--lr", "fast"], "--lr: fast: expected a number"),
+    (["--lr", "inf"], "--lr: inf: expected a finite number"),  # inf passes `>= 0`, and trains the weights to NaN
+    (["--kl-coef", "1e400"], "--kl-coef: 1e400: expected a finite number"),
+    (["--guidance-scale", "nan"], "--guidance-scale: nan: expected a finite number"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--num-steps", "0"], "--num-steps 0: must be at least 1"),
     (["--num-steps", "1001"], "--num-steps 1001: must be at most 1000"),
@@ -524,6 +574,7 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--max-grad-norm", "0"], "--max-grad-norm 0.0: must be above 0"),
     (["--seed", "-1"], "--seed -1: must be 0 or more"),
     (["--threads", "-2"], "--threads -2: must be 0 or more"),
+    (["--threads", "5000"], "--threads 5000: must be at most 1024"),
     (["--save-every", "0"], "--save-every 0: must be at least 1"),
     (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:7"], "--device cuda:7: no such GPU"),
@@ -601,13 +652,34 @@ def test_flags_help_and_spellings(capsys):
     assert "--out-dir str, --out_dir str" in text
 
 
+def test_defaults_are_the_authors():
+    # ddpo-pytorch's config/base.py and the paper, read off the reference, not off this code: a run without flags
+    # (and --preset sd14) trains with exactly these
+    authors = dict(num_steps=50, eta=1.0, guidance_scale=5.0, lr=3e-4, adam_beta1=0.9, adam_beta2=0.999,
+                   weight_decay=1e-4, adam_eps=1e-8, max_grad_norm=1.0, clip_range=1e-4, adv_clip_max=5.0,
+                   num_inner_epochs=1, timestep_fraction=1.0, per_prompt_stats=True, stat_buffer=16, stat_min_count=16,
+                   lora=True, lora_rank=4, kl_coef=0.0, algo="ppo", rwr_beta=0.2, rwr_top_fraction=0.1)
+    assert {k: getattr(train.Settings(), k) for k in authors} == authors
+    s, _ = train.parse_settings(["--preset", "sd14", "--reward", "jpeg"])
+    assert {k: getattr(s, k) for k in authors} == authors
+    d = train.derived(s, 1)  # 256 samples per epoch, 4 optimizer steps, every one of the 50 steps trained
+    assert (d.samples_per_epoch, d.steps_per_epoch, d.timesteps, s.epochs) == (256, 4, 50, 100)
+
+
 def test_sd14_follows_the_papers_task_settings():
+    for reward in ("jpeg", "jpeg-incompressibility"):
+        s, _ = train.parse_settings(["--preset", "sd14", "--reward", reward])
+        assert (s.prompts, s.stat_buffer, s.stat_min_count, s.epochs) == ("imagenet_animals", 16, 16, 100)
     s, _ = train.parse_settings(["--preset", "sd14", "--reward", "aesthetic"])
     assert (s.prompts, s.stat_buffer, s.stat_min_count, train.derived(s, 1).steps_per_epoch) == ("simple_animals", 32, 16, 2)
     s, _ = train.parse_settings(["--preset", "sd14", "--reward", "jpeg", "--prompts", "simple_animals"])
     assert s.prompts == "simple_animals" and train.derived(s, 1).steps_per_epoch == 4  # flags win
     s, _ = train.parse_settings(["--preset", "sd14", "--reward", "alignment"])
     assert s.prompts == "animals_activities" and train.derived(s, 1).steps_per_epoch == 2
+    assert (s.stat_buffer, s.stat_min_count, s.epochs) == (32, 16, 200)
+    s, _ = train.parse_settings(["--preset", "sd14", "--lora", "no"])  # the authors' JAX code fine-tunes all at 1e-5
+    assert s.lr == 1e-5 and train.parse_settings(["--preset", "sd14", "--lora", "no", "--lr", "3e-5"])[0].lr == 3e-5
+    assert train.parse_settings(["--lora", "no"])[0].lr == 3e-4  # the tiny preset trains its whole UNet at 3e-4
 
 
 def test_unwritable_output(tmp_path, tiny_model_dir, command_line):
@@ -631,6 +703,26 @@ def test_rwr_weights():
     assert np.all(equal[finite] == 1.0)  # beta 0: every sample weighs the same, the reward is ignored
     top = train.compute_advantages(settings(algo="rwr-sparse", rwr_top_fraction=0.1), None, ["p"] * 20, rewards)
     assert sorted(np.flatnonzero(top)) == [2, 4] and set(top) == {0.0, 1.0}  # the best 10% of 19 finite rewards
+
+
+def test_rwr_denoises_the_final_latents_at_any_of_the_1000_timesteps():
+    # A UNet that knows each trajectory's final latent x_0 predicts the noise of x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
+    # exactly, so its RWR loss is 0, and the timesteps it is asked about span the schedule's 1000 training steps (RWR
+    # is the pretraining loss), not the 4 DDIM steps the trajectories were sampled with.
+    ddim, seen = DDIM(4), []
+    latents = torch.randn(8, 5, 4, 8, 8, dtype=torch.float64)  # (N, T + 1, C, h, w): step 0 noise ... step 4 = x_0
+    def knows_x0(x, t, context):
+        seen.append(t)
+        alpha_bar = ddim.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x - alpha_bar.sqrt() * latents[:, -1].repeat(2, 1, 1, 1)) / (1 - alpha_bar).sqrt()
+    e = SimpleNamespace(latents=latents, context=torch.zeros(8, 77, 4), negative_context=torch.zeros(1, 77, 4),
+                        advantages=torch.ones(8, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        loss = train.rwr_step_loss(settings(algo="rwr"), knows_x0, None, ddim, e, torch.arange(8), None, gen)[0]
+        assert loss < 1e-8  # float rounding; a wrong x_0 gives about 1
+    t = torch.cat(seen)
+    assert t.min() >= 0 and t.max() < 1000 and t.max() > 500 and len(t.unique()) > 50
 
 
 @pytest.mark.parametrize("algo", ["rwr", "rwr-sparse"])
