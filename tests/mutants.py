@@ -22,6 +22,9 @@ TESTS = {  # which tests guard which file
     "nanoddpo/model.py": ["tests/test_1_model.py"],
     "nanoddpo/cpu_layers.py": ["tests/test_1_model.py"],
     "nanoddpo/cli.py": ["tests/test_6_bench.py"],
+    "nanoddpo/images.py": ["tests/test_4_rewards.py"],
+    "nanoddpo/learned_rewards.py": ["tests/test_4_rewards.py"],
+    "nanoddpo/prompts.py": ["tests/test_4_prompts.py"],
 }
 DEFAULT_TESTS = ["tests/test_3_train.py"]
 
@@ -173,6 +176,14 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", '"lr": 1e-5', '"lr": 3e-4'),
  ("train.py", "if not torch.stack([p.isfinite().all() for p in params]).all():",
   "if False and torch.stack([p.isfinite().all() for p in params]).all():"),
+ ("nanoddpo/images.py", "(images.float() * 255).round().clamp(0, 255)", "(images.float() * 255).clamp(0, 255)"),
+ ("nanoddpo/learned_rewards.py", 'format="JPEG", quality=80)', 'format="JPEG", quality=95)'),
+ ("nanoddpo/learned_rewards.py", 'QUESTION = "Answer concisely: what is going on in this image?"',
+  'QUESTION = "Answer concisely: what is in this image?"'),
+ ("nanoddpo/learned_rewards.py", 'f"USER: <image>\\n{QUESTION} ASSISTANT:"', 'f"USER: <image>\\n{QUESTION}\\nASSISTANT:"'),
+ ("nanoddpo/learned_rewards.py", "dtype=None, max_new_tokens=64):", "dtype=None, max_new_tokens=32):"),
+ ("nanoddpo/prompts.py", '"washing the dishes"', '"washing dishes"'),
+ ("nanoddpo/prompts.py", '"raccoon"', '"racoon"'),
 ]
 
 

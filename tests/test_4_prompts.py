@@ -20,6 +20,16 @@ def test_prompt_sets():
     assert PROMPTS["simple_animals"]() == animals and PROMPTS["animals_activities"]() == activities
 
 
+def test_prompt_sets_are_the_papers_word_for_word():
+    # the reference's lists, copied here from the paper's code as data: a misspelt or reworded prompt changes the task
+    animals = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf lizard "
+               "beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog chicken duck goose "
+               "bee pig turkey fly llama camel bat gorilla hedgehog kangaroo").split()
+    assert simple_animals() == animals
+    activities = ["washing the dishes", "riding a bike", "playing chess"]
+    assert animals_activities() == [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in animals for act in activities]
+
+
 def test_imagenet_animals_are_whole_lines():
     prompts = imagenet_animals()
     assert len(prompts) == 398 and PROMPTS["imagenet_animals"]() == prompts

@@ -46,6 +46,14 @@ def test_jpeg_reward_is_the_papers_measure():
     assert all(kb(img, 90) < -e for img, e in zip(images, expected))
 
 
+def test_images_are_rounded_to_uint8_as_a_file_stores_them():
+    # Every reward sees to_uint8's pixels: round(255 x) clamped to 0..255, as the reference says (not truncated)
+    from nanoddpo.images import to_uint8
+    x = torch.tensor([0.4, 0.6, 127.7, 254.49, 300.0, -3.0]) / 255
+    pixels = to_uint8(x.view(1, 1, 2, 3).expand(1, 3, 2, 3))  # (1, 3, 2, 3) -> (1, 2, 3, 3)
+    np.testing.assert_array_equal(pixels[0, ..., 0].ravel(), [0, 1, 128, 254, 255, 0])
+
+
 def test_unknown_reward_lists_choices():
     with pytest.raises(ValueError) as err:
         get_reward("nope")
@@ -476,11 +484,38 @@ def tiny_llava(tmp_path_factory):
     return folder
 
 
+def test_alignment_asks_the_references_question():
+    # The reference: LLaVA answers "Answer concisely: what is going on in this image?", greedy, up to 64 tokens, in
+    # LLaVA-1.5's one-turn conversation format (llava-1.5-7b-hf's model card: "USER: <image>\n<prompt> ASSISTANT:")
+    import inspect
+    from nanoddpo import learned_rewards
+    assert learned_rewards.QUESTION == "Answer concisely: what is going on in this image?"
+    assert learned_rewards.LLAVA_PROMPT == "USER: <image>\nAnswer concisely: what is going on in this image? ASSISTANT:"
+    assert inspect.signature(learned_rewards.AlignmentReward).parameters["max_new_tokens"].default == 64
+
+
 def test_alignment_reward(tiny_llava, tiny_deberta):
     from nanoddpo.learned_rewards import AlignmentReward
     reward = AlignmentReward(tiny_llava, tiny_deberta, bert_layer=2, device="cpu", dtype=torch.float32,
                              max_new_tokens=8)
     images = random_images(3)
+    # LLaVA sees each image as the reference sends it: a JPEG of quality 80, decoded
+    import io
+    from PIL import Image
+    seen, processor = [], reward.processor
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(processor, name)
+        def __call__(self, images, **kwargs):
+            seen.extend(np.asarray(img) for img in images)
+            return processor(images=images, **kwargs)
+    reward.processor = Spy()
+    reward.describe(images)
+    reward.processor = processor
+    for img, got in zip(images, seen):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=80)
+        np.testing.assert_array_equal(got, np.asarray(Image.open(buf).convert("RGB")))
     prompts = ["a cat riding a bike", "an ant playing chess", "a dog washing the dishes"]
     answers = reward.describe(images)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
