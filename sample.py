@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from nanoddpo.cli import IMAGE_SUFFIXES, Parser, check_device, check_output, keep_freed_memory, need, number, run
-from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint
+from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, readable
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.model import StableDiffusion, resolve_model
@@ -48,8 +48,12 @@ parser.add_argument("--batch-size", type=number(int), default=8, help="images pe
 
 def trained_steps(ckpts):
     """The DDIM steps the checkpoints were trained with (a model is best compared at the steps it learned), else 50."""
-    states = [json.loads((Path(c) / "state.json").read_text()) for c in ckpts if (Path(c) / "state.json").is_file()]
-    steps = {state.get("settings", {}).get("num_steps") for state in states} - {None}
+    steps = set()
+    for c in ckpts:
+        if (Path(c) / "state.json").is_file():
+            with readable(c):  # a damaged state.json: one line naming the checkpoint
+                steps.add(json.loads((Path(c) / "state.json").read_text()).get("settings", {}).get("num_steps"))
+    steps -= {None}
     return steps.pop() if len(steps) == 1 else 50
 
 

@@ -17,12 +17,14 @@ import dataclasses
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nanoddpo.cli import UsageError
+from nanoddpo.cli import UsageError, first_line, is_out_of_memory
 from nanoddpo.lora import apply_lora_file, lora_state_dict
 from nanoddpo.model import LoadError, save_json, save_safetensors
 
@@ -60,33 +62,47 @@ def save_checkpoint(run_dir, sd, lora, optimizer, state, keep=3):
         shutil.rmtree(old)
 
 
+@contextmanager
+def readable(ckpt):
+    """A checkpoint whose files are damaged (truncated, edited, missing) fails in one line that names it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
+        if is_out_of_memory(e):
+            raise
+        raise LoadError(f"checkpoint {ckpt} cannot be read ({first_line(e)}): use another one (or delete it, and "
+                        f"--resume goes on from the one before)") from None
+
+
 def apply_checkpoint(sd, ckpt):
     """Put a checkpoint's weights into sd.unet (adding LoRA layers for a LoRA checkpoint). Returns its state.json."""
     ckpt = Path(ckpt)
     if not (ckpt / "state.json").is_file():
         raise LoadError(f"{ckpt} is not a nanoddpo checkpoint (no state.json)")
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("base_fingerprint") != sd.fingerprint:
-        raise LoadError(f"{ckpt} was trained on a different base model ({state.get('base_model')}) than {sd.path}; "
-                        f"pass its base model with --model")
-    if (ckpt / "lora.safetensors").is_file():
-        apply_lora_file(sd.unet, ckpt / "lora.safetensors")
-    elif (ckpt / "unet.safetensors").is_file():
-        sd.unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
-    else:
-        raise LoadError(f"{ckpt} holds neither lora.safetensors nor unet.safetensors")
-    return state
+    with readable(ckpt):
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("base_fingerprint") != sd.fingerprint:
+            raise LoadError(f"{ckpt} was trained on a different base model ({state.get('base_model')}) than "
+                            f"{sd.path}; pass its base model with --model")
+        if (ckpt / "lora.safetensors").is_file():
+            apply_lora_file(sd.unet, ckpt / "lora.safetensors")
+        elif (ckpt / "unet.safetensors").is_file():
+            sd.unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
+        else:
+            raise LoadError(f"{ckpt} holds neither lora.safetensors nor unet.safetensors")
+        return state
 
 
 def resume(ckpt, sd, optimizer):
     """Restore weights, optimizer and RNG from a checkpoint; returns its state.json (epoch, step, reward buffers)."""
     state = apply_checkpoint(sd, ckpt)
     moments = {}
-    for key, value in load_file(Path(ckpt) / "optimizer.safetensors").items():
-        i, name = key.split(".", 1)
-        moments.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": moments, "param_groups": state["optimizer_groups"]})
-    rng = load_file(Path(ckpt) / "rng.safetensors")
+    with readable(ckpt):
+        for key, value in load_file(Path(ckpt) / "optimizer.safetensors").items():
+            i, name = key.split(".", 1)
+            moments.setdefault(int(i), {})[name] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": state["optimizer_groups"]})
+        rng = load_file(Path(ckpt) / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -522,6 +522,9 @@ def test_resume_refuses_what_cannot_continue(tmp_path, tiny_model_dir):
     lora = run(tmp_path, tiny_model_dir, name="lora", epochs=1, lora=True, lora_rank=2)
     with pytest.raises(train.UsageError, match="--lora-rank 4: the run trains with --lora-rank 2"):
         train.parse_settings(["--resume", str(lora), "--epochs", "2", "--lora-rank", "4"])
+    (lora / "checkpoints" / "step_2" / "rng.safetensors").write_bytes(b"not safetensors")  # damaged weights
+    with pytest.raises(model.LoadError, match=r"checkpoint .*step_2 cannot be read \(SafetensorError: .*delete it"):
+        train.main(*train.parse_settings(["--resume", str(lora), "--epochs", "2"]))
     (lora / "checkpoints" / "step_2" / "state.json").write_text("{")  # damaged
     with pytest.raises(train.UsageError, match=r"state.json cannot be read \(JSONDecodeError: .*\); delete that"):
         train.parse_settings(["--resume", str(lora), "--epochs", "2"])

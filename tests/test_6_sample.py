@@ -87,7 +87,6 @@ def load_sample_script():
 def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
     """step_1 holds the base UNet unchanged, so its row must repeat the base row exactly: same prompts, same seeds.
     Run in-process (sample.py's main) to keep the suite fast; the subprocess tests above cover the script's shell."""
-    monkeypatch.chdir(workdir)
     script = load_sample_script()
     script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base",
                                           "runs/demo/checkpoints/step_1", "runs/demo", "--prompts", "a cat", "a dog",
@@ -100,7 +99,6 @@ def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
 
 
 def test_images_do_not_depend_on_the_batch_size(workdir, tiny_model_dir, monkeypatch):
-    monkeypatch.chdir(workdir)
     script = load_sample_script()
     grids = []
     for batch in ("1", "4", "8"):  # 6 images: 6 batches of 1, a batch of 4 and one of 2, one batch of 6
@@ -134,6 +132,20 @@ def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     assert "Traceback" not in out.stderr
 
 
+def test_damaged_checkpoint_is_one_line_that_names_it(workdir, tiny_model_dir, command_line):
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    damaged = write_checkpoint(workdir / "elsewhere/damaged/checkpoints/step_1", sd.unet.state_dict(), sd.fingerprint)
+    data = (damaged / "unet.safetensors").read_bytes()
+    (damaged / "unet.safetensors").write_bytes(data[: len(data) // 2])  # a copy cut short
+    args = ["--model", tiny_model_dir, "--steps", 1, "--ckpt", damaged, "--out", workdir / "damaged.png"]
+    status, err = command_line("sample.py", args)
+    assert status == 1 and err.startswith(f"sample.py: error: checkpoint {damaged} cannot be read ("), err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    (damaged / "state.json").write_text("{")
+    status, err = command_line("sample.py", args[:2] + ["--ckpt", damaged, "--out", workdir / "damaged.png"])
+    assert status == 1 and "cannot be read (JSONDecodeError" in err and err.strip().count("\n") == 0, err
+
+
 BAD_FLAGS = [  # each refused in one line before any model loads
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--steps", "many"], "--steps: many: expected a whole number"),
@@ -161,7 +173,6 @@ BAD_FLAGS = [  # each refused in one line before any model loads
 
 @pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_exit_with_one_clear_line(workdir, tiny_model_dir, args, message, command_line, monkeypatch):
-    monkeypatch.chdir(workdir)
     status, err = command_line(str(SAMPLE), ["--model", tiny_model_dir, *args])
     assert status == 1 and message in err and "Traceback" not in err, err
     assert err.startswith("sample.py: error: ") and err.strip().count("\n") == 0
@@ -196,7 +207,6 @@ def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
     save_safetensors(lora_state_dict(trained.unet), ckpt / "lora.safetensors")
     (ckpt / "state.json").write_text(json.dumps({"base_fingerprint": trained.fingerprint}))
 
-    monkeypatch.chdir(workdir)
     script = load_sample_script()
     script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base", str(ckpt),
                                           "--prompts", "a cat", "--out", "lora.png"]))
@@ -248,7 +258,6 @@ def test_custom_reward(workdir, tiny_model_dir, monkeypatch, capsys):
     """--reward path/to/file.py:function scores the grid; a missing function is one clear line."""
     (workdir / "my_reward.py").write_text("import numpy as np\ndef score(images, prompts):\n"
                                           "    return np.full(len(images), 0.5)\n")
-    monkeypatch.chdir(workdir)
     script = load_sample_script()
     script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "1", "--ckpt", "base",
                                           "--prompts", "a cat", "--reward", "my_reward.py:score", "--out", "custom.png"]))
