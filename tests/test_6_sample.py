@@ -87,6 +87,7 @@ def load_sample_script():
 def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
     """step_1 holds the base UNet unchanged, so its row must repeat the base row exactly: same prompts, same seeds.
     Run in-process (sample.py's main) to keep the suite fast; the subprocess tests above cover the script's shell."""
+    monkeypatch.chdir(workdir)
     script = load_sample_script()
     script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base",
                                           "runs/demo/checkpoints/step_1", "runs/demo", "--prompts", "a cat", "a dog",
@@ -99,6 +100,7 @@ def test_explicit_checkpoints_share_seeds(workdir, tiny_model_dir, monkeypatch):
 
 
 def test_images_do_not_depend_on_the_batch_size(workdir, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(workdir)
     script = load_sample_script()
     grids = []
     for batch in ("1", "4", "8"):  # 6 images: 6 batches of 1, a batch of 4 and one of 2, one batch of 6
@@ -173,6 +175,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
 
 @pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_exit_with_one_clear_line(workdir, tiny_model_dir, args, message, command_line, monkeypatch):
+    monkeypatch.chdir(workdir)
     status, err = command_line(str(SAMPLE), ["--model", tiny_model_dir, *args])
     assert status == 1 and message in err and "Traceback" not in err, err
     assert err.startswith("sample.py: error: ") and err.strip().count("\n") == 0
@@ -207,6 +210,7 @@ def test_lora_checkpoint_row(workdir, tiny_model_dir, monkeypatch):
     save_safetensors(lora_state_dict(trained.unet), ckpt / "lora.safetensors")
     (ckpt / "state.json").write_text(json.dumps({"base_fingerprint": trained.fingerprint}))
 
+    monkeypatch.chdir(workdir)
     script = load_sample_script()
     script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base", str(ckpt),
                                           "--prompts", "a cat", "--out", "lora.png"]))
@@ -258,6 +262,7 @@ def test_custom_reward(workdir, tiny_model_dir, monkeypatch, capsys):
     """--reward path/to/file.py:function scores the grid; a missing function is one clear line."""
     (workdir / "my_reward.py").write_text("import numpy as np\ndef score(images, prompts):\n"
                                           "    return np.full(len(images), 0.5)\n")
+    monkeypatch.chdir(workdir)
     script = load_sample_script()
     script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "1", "--ckpt", "base",
                                           "--prompts", "a cat", "--reward", "my_reward.py:score", "--out", "custom.png"]))
