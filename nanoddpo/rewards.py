@@ -136,7 +136,7 @@ class CustomReward:
     def __call__(self, images, prompts):
         try:
             result = self.function(images, prompts)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() in a reward would end training silently
             raise UsageError(f"reward {self.name} raised {type(e).__name__}: {e}") from e
         if hasattr(result, "detach"):  # a torch tensor, possibly on the GPU
             result = result.detach().float().cpu().numpy()
@@ -163,7 +163,7 @@ def load_custom_reward(name):
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a script's own sys.exit() at its top level, too
         raise UsageError(f"reward {name}: importing {path} raised {type(e).__name__}: {e}") from e
     found = getattr(module, function, None)
     if not callable(found):

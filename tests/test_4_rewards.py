@@ -127,6 +127,12 @@ def test_custom_reward_load_errors(custom_file, tmp_path):
         get_reward(f"{tmp_path / 'bad.py'}:score")
     with pytest.raises(ValueError, match="or your own function as path/to/file.py:function"):
         check_reward("jpg", ["p"])
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\ndef score(images, prompts):\n    sys.exit(3)\n")
+    with pytest.raises(UsageError, match=r"exits.py:score: importing .*exits.py raised SystemExit: 0"):
+        get_reward(f"{tmp_path / 'exits.py'}:score")  # sys.exit() would end training silently, with status 0
+    (tmp_path / "exits.py").write_text("import sys\ndef score(images, prompts):\n    sys.exit(3)\n")
+    with pytest.raises(UsageError, match=r"exits.py:score raised SystemExit: 3"):
+        get_reward(f"{tmp_path / 'exits.py'}:score")(random_images(1), ["p"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
