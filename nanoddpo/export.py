@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of
+from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, readable
 from nanoddpo.cli import Parser, check_output, number, run
 from nanoddpo.model import LoadError, StableDiffusion, save_json, save_safetensors
 from nanoddpo.single_file import SD_V1, save_single_file
@@ -90,15 +90,16 @@ def write_diffusers_folder(sd, out, scheduler_config):
 def export(run, out, step=None, base=None, single_file=False):
     """Write the run's checkpoint (the latest, or step `step`) under `out`; returns the paths written."""
     ckpt = find_checkpoint(run, step)
-    state = json.loads((ckpt / "state.json").read_text())
-    base = base or state["base_model"]
+    with readable(ckpt):  # damaged or missing: one line naming the checkpoint
+        base = base or json.loads((ckpt / "state.json").read_text())["base_model"]
     label = f"{Path(run).resolve().name}-{ckpt.name.replace('_', '')}"  # <name>-step<N>
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (ckpt / "lora.safetensors").is_file():
         from safetensors.torch import load_file
 
-        tensors, rank = kohya_lora(load_file(ckpt / "lora.safetensors"))
+        with readable(ckpt):
+            tensors, rank = kohya_lora(load_file(ckpt / "lora.safetensors"))
         path = out / f"{label}-lora.safetensors"
         # kohya's metadata keys, which the UIs show: rank ("network_dim") and alpha
         save_safetensors(tensors, path, metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank),

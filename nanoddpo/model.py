@@ -625,6 +625,8 @@ def resolve_model(path=None):
         if is_single_file(path):
             from nanoddpo.single_file import refuse_unsupported
             refuse_unsupported(path)  # it must exist, and be a .safetensors file: never a pickle
+        elif Path(path).is_file():  # model_index.json, unet/config.json, ...: the folder was meant
+            raise LoadError(f"{path} is a file: give the model folder (or one .safetensors file). {HOW_TO_GET}")
         elif not Path(path).is_dir():
             raise LoadError(f"model folder {path} does not exist. {HOW_TO_GET}")
         return Path(path)

@@ -166,6 +166,8 @@ def refuse_unsupported(path):
     path = Path(path)
     if path.suffix.lower() in PICKLES:
         raise LoadError(REFUSE_PICKLE.format(path=path, stem=path.with_suffix("")))
+    if path.is_dir():
+        raise LoadError(f"{path} is a folder: give a single .safetensors file here (--model takes a folder as it is)")
     if not path.is_file():
         raise LoadError(f"model file {path} does not exist. See weights/README.md for single-file SD 1.x checkpoints.")
 
@@ -259,11 +261,19 @@ def save_single_file(sd, path, metadata=None):
     save_safetensors(tensors, path, metadata={"format": "pt", **(metadata or {})})
 
 
-if __name__ == "__main__":
-    path = sys.argv[1]
-    refuse_unsupported(path)
+def main(argv):
+    """`python -m nanoddpo.single_file FILE`: what the file holds, network by network."""
+    from nanoddpo.cli import UsageError
+    if len(argv) != 1:
+        raise UsageError("give one file: python -m nanoddpo.single_file model.safetensors")
+    refuse_unsupported(argv[0])
     cfgs = [read_config(SD_V1 / f"{name}_config.json") for name in ("unet", "vae")]
-    entries, has_ema = split_entries(path, build(UNet, cfgs[0], "unet"), build(VAE, cfgs[1], "vae"))
+    entries, has_ema = split_entries(argv[0], build(UNet, cfgs[0], "unet"), build(VAE, cfgs[1], "vae"))
     for name, found in entries.items():
         print(f"{name}: {len(found)} tensors")
     print("EMA copy present: reading model_ema.*" if has_ema else "one UNet copy: model.diffusion_model.*")
+
+
+if __name__ == "__main__":
+    from nanoddpo.cli import run
+    run("nanoddpo.single_file", lambda: main(sys.argv[1:]))

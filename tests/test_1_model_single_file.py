@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoddpo.model import LoadError, StableDiffusion, load_tokenizer, resolve_model
-from nanoddpo.single_file import IGNORED, clip_tokenizer_folder, ema_key, save_single_file, unet_table
+from nanoddpo.single_file import (IGNORED, clip_tokenizer_folder, ema_key, refuse_unsupported, save_single_file,
+                                  unet_table)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,10 @@ def test_resolve_model_takes_a_file_or_a_dotted_folder(tiny_file, tiny_model_dir
     dotted = tmp_path / "stable-diffusion-v1.5"
     dotted.symlink_to(tiny_model_dir)
     assert resolve_model(str(dotted)) == dotted
+    with pytest.raises(LoadError, match=r"config.json is a file: give the model folder \(or one .safetensors"):
+        resolve_model(str(tiny_model_dir / "unet" / "config.json"))  # a file of the folder, not the folder
+    with pytest.raises(LoadError, match="is a folder: give a single .safetensors file here"):
+        refuse_unsupported(str(tiny_model_dir))
 
 
 @pytest.mark.parametrize("prefix, version", [("cond_stage_model.model.transformer.resblocks.0.ln_1.weight", "SD 2.x"),

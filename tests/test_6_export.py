@@ -94,4 +94,7 @@ def test_export_errors(tiny_model_dir, tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             main([str(tmp_path / "runs" / "r"), *map(str, args)])
         assert exit_info.value.code == f"nanoddpo.export: error: {message}"
+    (tmp_path / "runs" / "r" / "checkpoints" / "step_3" / "state.json").unlink()  # a checkpoint damaged by hand
+    with pytest.raises(SystemExit, match=r"nanoddpo.export: error: checkpoint .*step_3 cannot be read \(FileNotFound"):
+        main([str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out")])
 
