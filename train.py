@@ -50,7 +50,7 @@ from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.lora import add_lora, lora_off, lora_parameters
-from nanoddpo.model import StableDiffusion, resolve_model
+from nanoddpo.model import WEIGHTS, StableDiffusion, resolve_model
 from nanoddpo.prompts import PromptError, draw_prompts, load_prompts
 from nanoddpo.rewards import (REWARDS, AsyncReward, check_reward, get_reward, is_custom_reward, reward_label,
                               write_answers)
@@ -60,18 +60,18 @@ from nanoddpo.world import checker_for
 @dataclass
 class Settings:
     preset: str = "tiny"          # tiny (bundled model, CPU) | sd14 (SD v1-4 + LoRA, one GPU); other flags override it
-    model: str = ""               # model folder; "" = weights/stable-diffusion-v1-4 if downloaded, else weights/tiny
+    model: str = ""               # model folder or .safetensors file; "" = the preset's, weights/tiny or sd-v1-4
     reward: str = "jpeg"          # jpeg | jpeg-incompressibility | aesthetic | alignment | tinyworld | path/to/file.py:fn
     algo: str = "ppo"             # ppo (DDPO_IS, clipped importance sampling) | reinforce (DDPO_SF) | rwr | rwr-sparse
     prompts: str = ""             # a set in nanoddpo/prompts.py or a .txt/.json file; "" = the model's prompts.json
     epochs: int = 100             # >= 1
     seed: int = 0                 # >= 0; everything random in a run derives from it
     name: str = ""                # run folder <out_dir>/<name>; "" = <reward>-<algo>-<time>
-    out_dir: str = "runs"
+    out_dir: str = "runs"         # where run folders go
     resume: str = ""              # a run folder: continue from its latest checkpoint (or its start, if it has none)
     # sampling
     num_steps: int = 50           # DDIM steps per image, 1..1000
-    eta: float = 1.0              # DDIM stochasticity, (0, 1]; 1 makes every step a proper Gaussian policy
+    eta: float = 1.0              # DDIM stochasticity, (0, 1] (rwr: 0 too); 1: every step a Gaussian policy
     guidance_scale: float = 5.0   # classifier-free guidance w >= 0, used when sampling AND inside the loss
     batch_size: int = 8           # >= 1 images per sampling batch (per GPU under torchrun)
     batches_per_epoch: int = 4    # >= 1; samples per epoch = batch_size * batches_per_epoch
@@ -79,7 +79,7 @@ class Settings:
     # training
     train_batch_size: int = 4     # >= 1 trajectories per UNet call in training (x2 for guidance)
     grad_accum: int = 1           # >= 1 train batches per optimizer step (averaged with their timesteps)
-    num_inner_epochs: int = 1     # >= 1 passes over each epoch's samples (ppo only; reinforce makes one update)
+    num_inner_epochs: int = 1     # >= 1 passes over each epoch's samples (reinforce makes one update)
     timestep_fraction: float = 1.0  # (0, 1]: fraction of each trajectory's steps trained, drawn at random per sample
     clip_range: float = 1e-4      # > 0: PPO clip on the per-dimension ratio (0.19..5.1 on the true ratio at 64x64x4)
     adv_clip_max: float = 5.0     # > 0: advantages are clipped to +-this
@@ -110,7 +110,7 @@ class Settings:
 
 
 PRESETS = {
-    # The bundled tiny model on a 2-core CPU, the default: about 7.5 minutes. 10 DDIM steps, half of them trained.
+    # The bundled tiny model on a 2-core CPU, the default: about 3 minutes. 10 DDIM steps, half of them trained.
     # Every epoch samples each of the 80 prompts 4 times (320 samples), so each prompt's rewards are z-scored against
     # its own from the first epoch: JPEG sizes differ far more between prompts (striped vs plain) than within one.
     # Its latents are 8x8x4 = 256 dims, not 16,384, so the clip range that gives SD's trust region on the true ratio
@@ -140,7 +140,8 @@ CHOICES = dict(preset=tuple(PRESETS), algo=("ppo", "reinforce", "rwr", "rwr-spar
 def parse_settings(argv=None):
     """Settings from the command line: preset < (paper task settings with sd14) < flags; a resumed run's saved
     settings < flags. Returns (settings, checkpoint to resume or None)."""
-    parser = settings_parser(Settings, PRESETS, "DDPO fine-tuning; every field of Settings in train.py is a flag.")
+    parser = settings_parser(Settings, PRESETS, "DDPO fine-tuning; every field of Settings in train.py is a flag. "
+                             "--preset sd14 also takes the paper's settings for the --reward (train.py's PAPER_TASKS).")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if given.get("resume"):  # a resumed run keeps its settings; what is given on the command line still wins
         run = Path(given["resume"])
@@ -316,7 +317,7 @@ def rwr_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
 @torch.no_grad()
 def kl_to_base(s, unet, base_unet, ddim, e, gen):
     """Mean per-step KL(policy || base) at the states the epoch sampled, one random step per trajectory: an unbiased
-    estimate of the mean over all steps at 2 UNet calls per trajectory (about 8% of an epoch on the tiny preset)."""
+    estimate of the mean over all steps at 2 UNet calls per trajectory (about 7.5% of an epoch on the tiny preset)."""
     kls = []  # in sampling-sized batches: under torch.compile the UNet calls reuse the sampling graph
     for rows in torch.arange(len(e.latents), device=e.latents.device).split(s.batch_size):
         step = torch.randint(ddim.num_steps, (len(rows),), generator=gen).to(rows.device)
@@ -375,9 +376,11 @@ def main(s, resume_ckpt=None):
         torch.set_num_threads(s.threads)
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
     d = derived(check_settings(s, ranks.world), ranks.world)
-    model_dir = resolve_model(s.model)
-    cli.need(s.preset != "sd14" or s.model or model_dir.name != "tiny", "preset", s.preset, "SD v1-4 is not in "
-             "weights/stable-diffusion-v1-4: fetch it (weights/README.md) or pass --model")
+    # each preset's settings fit its own model: tiny trains weights/tiny even where SD v1-4 is downloaded
+    preset_model = WEIGHTS / ("stable-diffusion-v1-4" if s.preset == "sd14" else "tiny")
+    cli.need(s.model or preset_model.is_dir(), "preset", s.preset, "SD v1-4 is not in weights/stable-diffusion-v1-4: "
+             "fetch it (weights/README.md) or pass --model")
+    model_dir = resolve_model(s.model or str(preset_model))
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
     prompts, why = prompts_for(s, model_dir)
     s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
