@@ -19,7 +19,7 @@ weight tensors; LoRA through diffusers + peft) and ours / baseline. Variants: pr
 autocast) x compile modes; a variant that fails prints why and the bench goes on. Results: runs/bench/<time>.json.
 
 Sizes: on CUDA 64 x 64 latents (512 px), sampling batch 16 and train batch 8 as train.py's sd14 preset, 50 steps,
-every precision and compile mode.
+every precision, and the compile modes eager, default, reduce-overhead and max-autotune.
 On CPU 16 x 16 latents (128 px), batch 1 (UNet batch 2), 2 trajectories of 4 DDIM steps, fp32 eager only: about
 5 minutes on 2 idle cores (--precisions fp32,bf16,fp16 and --compile-modes eager,default add variants, slowly).
 
@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=whole, default=0, help="DDIM steps of the miniature epoch; 0 = 50 on CUDA, 4 on CPU")
     p.add_argument("--precisions", default="", help="comma list of fp32,bf16,fp16; default all on CUDA, fp32 on CPU")
     p.add_argument("--compile-modes", default="", help=f"comma list of {','.join(COMPILE_MODES)}; "
-                   "default all on CUDA, eager on CPU (compiling SD's UNet takes many minutes there)")
+                   "default eager,default,reduce-overhead,max-autotune on CUDA, eager on CPU (compiling SD's UNet "
+                   "takes many minutes there)")
     p.add_argument("--epoch", default="first", choices=["first", "all", "none"],
                    help="run the miniature epoch for the first variant only, every variant, or not at all")
     p.add_argument("--repeats", type=whole, default=3, help="timed calls per figure (after one warm-up); the median is kept")

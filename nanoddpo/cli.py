@@ -7,7 +7,7 @@ heavy runs, and never in a traceback:
 
     train.py: error: --precision fp8: choose one of auto, fp32, bf16, fp16
 
-    parser = settings_parser(Settings, PRESETS)   # a flag per dataclass field, its comment as the help
+    parser = settings_parser(Settings, PRESETS, "what the script does")  # a flag per field, its comment as help
     run("train.py", lambda: main(...))            # UsageError / LoadError -> that one line, exit code 1
 """
 import argparse
@@ -95,7 +95,8 @@ def settings_parser(cls, presets, description):
     comments = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
     parser = Parser(description=description)
     for f in dataclasses.fields(cls):
-        defaults = ", ".join(f"{p} {values.get(f.name, f.default)!r}" for p, values in presets.items())
+        defaults = ", ".join(f"{p} {values.get(f.name, f.default)!r}" for p, values in presets.items()) \
+            if f.name != "preset" else repr(f.default)
         kind = yes_no if f.type is bool else number(f.type) if f.type in (int, float) else str
         parser.add_argument(*dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name]), dest=f.name, type=kind,
                             default=None, metavar=f.type.__name__,

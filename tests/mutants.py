@@ -1,10 +1,10 @@
-"""Mutation check: does the test suite catch one-line bugs in the maths? (opt-in, 7 minutes on 2 cores)
+"""Mutation check: does the test suite catch one-line bugs? (opt-in, about 30 minutes on 2 cores)
 
 Each entry below is a plausible slip (a sign, a missing factor, an off-by-one, a dropped restore, the wrong
-timestep) in diffusion math, RL math or the loop. For each, a copy of the repository gets that one change and the
-tests of that file run; a mutant the tests pass is MISSED, and a test should be written that fails it. All of these
-were caught when this list was last run (2026-11-26, 64 mutants); twelve of them had been missed before tests were
-added.
+timestep, a default or a prompt that is not the authors') in diffusion math, RL math, the loop, the rewards or the
+prompts. For each, a copy of the repository gets that one change and the tests of that file run; a mutant the tests
+pass is MISSED, and a test should be written that fails it. Those the tests missed when first planted (twelve, then
+24 more found by an audit against the authors' code) got the test that catches them.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -70,7 +70,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py",
   "out[ok] = np.clip(z, -s.adv_clip_max, s.adv_clip_max)",
   "out[ok] = np.clip(z, -s.adv_clip_max, 2 * s.adv_clip_max)"),
- ("train.py", "(r - r.mean()) / (r.std() + 1e-6)", "(r - r.mean())"),
+ ("train.py", "(r - r.mean()) / (r.std() + 1e-8)", "(r - r.mean())"),
  ("train.py", "out[ok] = w / w.sum() * len(r)", "out[ok] = w / w.sum()"),
  ("train.py", "w = np.exp(s.rwr_beta * (r - r.max()))", "w = np.exp((r - r.max()) / max(s.rwr_beta, 1e-9))"),
  ("train.py",
