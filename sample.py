@@ -33,8 +33,10 @@ parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the mod
 parser.add_argument("--per-prompt", type=number(int), default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=number(int), help="the seeds of each prompt's images instead (one image each); "
                     "the same seeds in every row")
-parser.add_argument("--steps", type=number(int), help="DDIM steps (eta = 1, as in training); default: the steps the "
-                    "checkpoints were trained with, else 50")
+parser.add_argument("--steps", type=number(int), help="DDIM steps; default: the steps the checkpoints were trained "
+                    "with, else 50")
+parser.add_argument("--eta", type=number(float), help="DDIM stochasticity in [0, 1]; default: the eta the checkpoints "
+                    "were trained with, else 1")
 parser.add_argument("--guidance", type=number(float), default=5.0, help="classifier-free guidance scale w")
 parser.add_argument("--reward", nargs="+", help=f"score every image with each of these rewards ({', '.join(REWARDS)}, "
                     "or your own path/to/file.py:function); each row's mean is printed, and its paired difference "
@@ -46,21 +48,23 @@ parser.add_argument("--batch-size", type=number(int), default=8, help="images pe
                     "depend on it: each has its own seed)")
 
 
-def trained_steps(ckpts):
-    """The DDIM steps the checkpoints were trained with (a model is best compared at the steps it learned), else 50."""
-    steps = set()
+def trained(ckpts, setting, otherwise):
+    """The value of a setting the checkpoints were trained with, if they agree, else `otherwise`: a policy is best
+    compared as it learned, at its DDIM steps and eta."""
+    values = set()
     for c in ckpts:
         if (Path(c) / "state.json").is_file():
             with readable(c):  # a damaged state.json: one line naming the checkpoint
-                steps.add(json.loads((Path(c) / "state.json").read_text()).get("settings", {}).get("num_steps"))
-    steps -= {None}
-    return steps.pop() if len(steps) == 1 else 50
+                values.add(json.loads((Path(c) / "state.json").read_text()).get("settings", {}).get(setting))
+    values -= {None}
+    return values.pop() if len(values) == 1 else otherwise
 
 
 def main(args):
     need(args.steps is None or args.steps >= 1, "steps", args.steps, "must be at least 1")
     need(args.steps is None or args.steps <= 1000, "steps", args.steps,
          "must be at most 1000 (the schedule's training steps)")
+    need(args.eta is None or 0 <= args.eta <= 1, "eta", args.eta, "must be in [0, 1]")
     need(args.guidance >= 0, "guidance", args.guidance, "must be 0 or more (1 is no guidance)")
     need(args.per_prompt >= 1, "per_prompt", args.per_prompt, "must be at least 1")
     need(all(0 <= seed < 2**63 for seed in args.seeds or []), "seeds", args.seeds, "must be 0 or more and below 2**63")
@@ -77,9 +81,11 @@ def main(args):
         if ckpt != "base" and checkpoints_of(Path(ckpt)):  # a run folder stands for its latest checkpoint
             ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
     seeds = args.seeds or list(range(args.per_prompt))
-    if args.steps is None:
-        args.steps = trained_steps(ckpts)
-        print(f"DDIM steps: {args.steps}, as the checkpoints were trained (else 50); --steps to change")
+    if args.steps is None or args.eta is None:
+        args.steps = trained(ckpts, "num_steps", 50) if args.steps is None else args.steps
+        args.eta = trained(ckpts, "eta", 1.0) if args.eta is None else args.eta
+        print(f"DDIM steps {args.steps}, eta {args.eta}: as the checkpoints were trained (else 50 and 1); --steps and "
+              f"--eta to change")
     prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
     for name in args.reward or []:  # before the model loads
         check_reward(name, prompts)
@@ -99,7 +105,7 @@ def main(args):
             apply_checkpoint(sd, ckpt)  # refuses a checkpoint of another base model
         images = np.concatenate([to_uint8(sample(sd, column_prompts[i:i + args.batch_size],
                                                  column_seeds[i:i + args.batch_size], num_steps=args.steps,
-                                                 guidance_scale=args.guidance, autocast=autocast).images)
+                                                 guidance_scale=args.guidance, eta=args.eta, autocast=autocast).images)
                                  for i in range(0, len(column_prompts), args.batch_size)])
         rows.append(list(images))
         for name, reward_fn in reward_fns.items():
@@ -117,7 +123,7 @@ def main(args):
     print(f"wrote {args.out}")
     if args.scores:
         Path(args.scores).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.scores).write_text(json.dumps(dict(prompts=column_prompts, seeds=column_seeds, steps=args.steps, scores={
+        Path(args.scores).write_text(json.dumps(dict(prompts=column_prompts, seeds=column_seeds, steps=args.steps, eta=args.eta, scores={
             name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()})))
         print(f"wrote {args.scores}")
 

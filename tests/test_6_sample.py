@@ -114,12 +114,22 @@ def test_images_do_not_depend_on_the_batch_size(workdir, tiny_model_dir, monkeyp
 
 def test_steps_default_to_the_checkpoints_training_steps(tmp_path):
     script = load_sample_script()
-    for name, steps in [("a", 10), ("b", 10), ("c", 20)]:
+    for name, steps, eta in [("a", 10, 0.5), ("b", 10, 0.5), ("c", 20, 1.0)]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "state.json").write_text(json.dumps({"settings": {"num_steps": steps}}))
+        (tmp_path / name / "state.json").write_text(json.dumps({"settings": {"num_steps": steps, "eta": eta}}))
     a, b, c = (str(tmp_path / n) for n in "abc")
-    assert script.trained_steps(["base", a, b]) == 10  # a tiny-preset run is compared at its 10 trained steps
-    assert script.trained_steps(["base"]) == 50 and script.trained_steps([a, c]) == 50  # nothing or no agreement
+    assert script.trained(["base", a, b], "num_steps", 50) == 10  # a tiny-preset run is compared at its 10 steps
+    assert script.trained(["base", a, b], "eta", 1.0) == 0.5  # and a policy trained at eta 0.5 at eta 0.5
+    assert script.trained(["base"], "num_steps", 50) == 50 and script.trained([a, c], "eta", 1.0) == 1.0  # no agreement
+    etas = []  # and the eta reaches the sampler
+    def recording(sd, prompts, seeds, **kw):
+        etas.append(kw["eta"])
+        raise SystemExit(0)
+    script.sample = recording
+    for given in ([], ["--eta", "0"]):
+        with pytest.raises(SystemExit):
+            script.main(script.parser.parse_args(["--ckpt", "base", a, "--out", str(tmp_path / "x.png"), *given]))
+    assert etas == [0.5, 0.0]
 
 
 def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
@@ -152,6 +162,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--steps", "many"], "--steps: many: expected a whole number"),
     (["--steps", "1001"], "--steps 1001: must be at most 1000 (the schedule's training steps)"),
+    (["--eta", "1.5"], "--eta 1.5: must be in [0, 1]"),
     (["--guidance", "inf"], "--guidance: inf: expected a finite number"),
     (["--guidance", "1e400"], "--guidance: 1e400: expected a finite number"),  # overflows to inf
     (["--guidance", "-1"], "--guidance -1.0: must be 0 or more"),
