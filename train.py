@@ -155,13 +155,22 @@ def parse_settings(argv=None):
         except (ValueError, KeyError, TypeError) as e:  # a damaged file, or one from another version of train.py
             raise UsageError(f"--resume {run}: {saved} cannot be read ({type(e).__name__}: {e})" +
                              "; delete that checkpoint to resume from the one before" * bool(ckpts)) from None
-        for field in ("lora", "lora_rank") if state["settings"]["lora"] else ("lora",):  # the weights' shape
+        for field in ("preset", "lora") + ("lora_rank",) * state["settings"]["lora"]:  # what the weights were made as
             was = state["settings"][field]
             cli.need(given.get(field, was) == was, field, given.get(field),
                      f"the run trains with --{field.replace('_', '-')} {was}")
-        done = state.get("epoch", 0)
+        done, ckpt = state.get("epoch", 0), ckpts[-1] if ckpts else None
         cli.need(done < s.epochs, "epochs", s.epochs, f"{run} has done {done} epochs: pass more to train on")
-        return check_settings(s), ckpts[-1] if ckpts else None
+    else:
+        s, ckpt = preset_settings(given), None
+    for field in ("grad_accum", "num_inner_epochs"):  # given with reinforce, they would be ignored
+        cli.need(s.algo != "reinforce" or field not in given, field, given.get(field),
+                 "--algo reinforce makes one update of each epoch's samples: leave it out")
+    return check_settings(s), ckpt
+
+
+def preset_settings(given):
+    """The preset's settings, with sd14 the paper's for the task, and the flags given over them."""
     preset = given.get("preset", Settings.preset)
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
@@ -173,7 +182,7 @@ def parse_settings(argv=None):
         chosen = {k: v for k, v in task.items() if k not in given}
         print(f"--preset sd14 --reward {s.reward}: the paper's settings for this task: "
               f"{', '.join(f'{k}={v}' for k, v in chosen.items()) or 'all overridden by flags'}")
-    return check_settings(s), None
+    return s
 
 
 def check_settings(s, world=1):

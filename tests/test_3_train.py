@@ -518,6 +518,8 @@ def test_resume_refuses_what_cannot_continue(tmp_path, tiny_model_dir):
         train.parse_settings(["--resume", str(full)])
     with pytest.raises(train.UsageError, match="--lora True: the run trains with --lora False"):
         train.parse_settings(["--resume", str(full), "--epochs", "2", "--lora", "yes"])
+    with pytest.raises(train.UsageError, match="--preset sd14: the run trains with --preset tiny"):
+        train.parse_settings(["--resume", str(full), "--epochs", "2", "--preset", "sd14"])
     assert train.parse_settings(["--resume", str(full), "--epochs", "2", "--lora-rank", "8"])[0].epochs == 2  # unused
     lora = run(tmp_path, tiny_model_dir, name="lora", epochs=1, lora=True, lora_rank=2)
     with pytest.raises(train.UsageError, match="--lora-rank 4: the run trains with --lora-rank 2"):
@@ -590,6 +592,9 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--seed", "-1"], "--seed -1: must be 0 or more"),
     (["--threads", "-2"], "--threads -2: must be 0 or more"),
     (["--threads", "5000"], "--threads 5000: must be at most 1024"),
+    (["--algo", "reinforce", "--num-inner-epochs", "2"],  # DDPO_SF: one update per fresh batch, so it would be ignored
+     "--num-inner-epochs 2: --algo reinforce makes one update of each epoch's samples: leave it out"),
+    (["--algo", "reinforce", "--grad-accum", "5"], "--grad-accum 5: --algo reinforce makes one update"),
     (["--save-every", "0"], "--save-every 0: must be at least 1"),
     (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:7"], "--device cuda:7: no such GPU"),
