@@ -211,6 +211,7 @@ def check_settings(s, world=1):
     need(0 <= s.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
     need(s.seed < 2**40, "seed", "must be below 2**40")
     need(s.threads <= 1024, "threads", "must be at most 1024")
+    need(Path(s.name).name == s.name and s.name not in (".", ".."), "name", "must be a folder name, without '/'")
     cli.check_device(s.device)
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")

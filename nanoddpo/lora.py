@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from nanoddpo.cli import UsageError
 from nanoddpo.model import Linear
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -35,16 +36,20 @@ class LoRALinear(Linear):
 
 def add_lora(unet, rank=4):
     """Turn every attention projection of the UNet into a LoRALinear, in place. Returns the UNet."""
-    for name, module in list(unet.named_modules()):
-        if any(name.endswith("." + t) for t in TARGETS) and ".attn" in name and type(module) is Linear:
-            module.__class__ = LoRALinear  # same parameters, one more term in forward
-            device = module.weight.device
-            module.lora_A = nn.Linear(module.in_features, rank, bias=False, device=device)
-            module.lora_B = nn.Linear(rank, module.out_features, bias=False, device=device)
-            nn.init.normal_(module.lora_A.weight, std=1 / rank)
-            nn.init.zeros_(module.lora_B.weight)
-            module.register_buffer("lora_scale", torch.ones((), device=device), persistent=False)
-            module.register_buffer("lora_zero", torch.zeros((), device=device), persistent=False)
+    targets = [module for name, module in unet.named_modules()
+               if any(name.endswith("." + t) for t in TARGETS) and ".attn" in name and type(module) is Linear]
+    narrowest = min((min(m.in_features, m.out_features) for m in targets), default=rank)
+    if rank > narrowest:  # B A would have no more directions than W itself: only more parameters
+        raise UsageError(f"--lora-rank {rank}: must be at most {narrowest}, this UNet's narrowest attention projection")
+    for module in targets:
+        module.__class__ = LoRALinear  # same parameters, one more term in forward
+        device = module.weight.device
+        module.lora_A = nn.Linear(module.in_features, rank, bias=False, device=device)
+        module.lora_B = nn.Linear(rank, module.out_features, bias=False, device=device)
+        nn.init.normal_(module.lora_A.weight, std=1 / rank)
+        nn.init.zeros_(module.lora_B.weight)
+        module.register_buffer("lora_scale", torch.ones((), device=device), persistent=False)
+        module.register_buffer("lora_zero", torch.zeros((), device=device), persistent=False)
     return unet
 
 

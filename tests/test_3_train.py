@@ -215,6 +215,13 @@ def test_compiled_unet_shares_one_graph_between_sampling_the_kl_and_the_base(tin
     assert torch.allclose(off, off_eager, atol=1e-4) and not torch.allclose(off, on_eager, atol=1e-3)
 
 
+def test_lora_rank_at_most_the_narrowest_projection(tiny_model_dir):
+    unet = StableDiffusion.from_pretrained(tiny_model_dir).unet  # attention projections 32 features at the narrowest
+    with pytest.raises(train.UsageError, match="--lora-rank 33: must be at most 32, this UNet's narrowest attention"):
+        add_lora(unet, rank=33)
+    assert len(lora_parameters(add_lora(unet, rank=32))) > 0
+
+
 def test_lora_on_sd_v1_4_trains_the_papers_797184_parameters():
     from nanoddpo.model import UNet
     cfg = json.loads((Path(__file__).parents[1] / "nanoddpo/configs/sd-v1-4/unet_config.json").read_text())
@@ -592,6 +599,7 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--seed", "-1"], "--seed -1: must be 0 or more"),
     (["--threads", "-2"], "--threads -2: must be 0 or more"),
     (["--threads", "5000"], "--threads 5000: must be at most 1024"),
+    (["--name", "../../elsewhere"], "--name ../../elsewhere: must be a folder name, without '/'"),  # under --out-dir
     (["--algo", "reinforce", "--num-inner-epochs", "2"],  # DDPO_SF: one update per fresh batch, so it would be ignored
      "--num-inner-epochs 2: --algo reinforce makes one update of each epoch's samples: leave it out"),
     (["--algo", "reinforce", "--grad-accum", "5"], "--grad-accum 5: --algo reinforce makes one update"),
