@@ -467,20 +467,21 @@ def read_safetensors_header(path, renames=()):
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
         if not 0 < n <= size - 8:
             raise LoadError(f"{path} is not a safetensors file or is truncated ({size} bytes). {HOW_TO_GET}")
-        try:
+        try:  # JSON of {name: {dtype, shape, data_offsets}}, and no other shape
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header.pop("__metadata__", None)
+            tensors = {key: (str(info["dtype"]), tuple(map(int, info["shape"])),
+                             tuple(8 + n + int(o) for o in info["data_offsets"])) for key, info in header.items()}
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
             raise LoadError(f"{path} has a corrupt safetensors header. Download it again. {HOW_TO_GET}") from None
-    header.pop("__metadata__", None)
     entries = {}
-    for key, info in header.items():
-        begin, end = (8 + n + o for o in info["data_offsets"])
+    for key, (dtype, shape, (begin, end)) in tensors.items():
         if end > size:
             raise LoadError(f"{path} is truncated: tensor {key} ends at byte {end} but the file has {size} bytes. "
                             f"The download was probably interrupted; fetch it again. {HOW_TO_GET}")
         for pattern, repl in renames:
             key = re.sub(pattern, repl, key)
-        entries[key] = (info["dtype"], tuple(info["shape"]), (begin, end))
+        entries[key] = (dtype, shape, (begin, end))
     return entries
 
 
@@ -527,8 +528,8 @@ def read_config(path):
     if not path.is_file():
         raise LoadError(f"missing {path}. {HOW_TO_GET}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoadError(f"{path} is not valid JSON ({e}). {HOW_TO_GET}") from None
 
 

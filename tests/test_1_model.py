@@ -184,6 +184,13 @@ def test_truncated_unet_file(tiny_model_dir, tmp_path):
     f.write_bytes(b"\x00" * 4)
     with pytest.raises(LoadError, match="not a safetensors file"):
         StableDiffusion.from_pretrained(root)
+    for header in (b"[1, 2, 3]", b'{"a": {"dtype": "F32"}}', b'{"a": 5}'):  # JSON, but not a header's shape
+        f.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(LoadError, match="has a corrupt safetensors header"):
+            StableDiffusion.from_pretrained(root)
+    (root / "vae" / "config.json").write_bytes(b"\xff\xfe not UTF-8")
+    with pytest.raises(LoadError, match="config.json is not valid JSON"):
+        StableDiffusion.from_pretrained(root)
 
 
 def test_extra_unknown_tensor(tiny_model_dir, tmp_path):
