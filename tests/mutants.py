@@ -174,6 +174,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", '"alignment": dict(prompts="animals_activities", stat_buffer=32',
   '"alignment": dict(prompts="animals_activities", stat_buffer=16'),
  ("train.py", '"lr": 1e-5', '"lr": 3e-4'),
+ ("train.py", "batches_per_epoch=18,", "batches_per_epoch=16,"),
  ("train.py", "if not torch.stack([p.isfinite().all() for p in params]).all():",
   "if False and torch.stack([p.isfinite().all() for p in params]).all():"),
  ("nanoddpo/images.py", "(images.float() * 255).round().clamp(0, 255)", "(images.float() * 255).clamp(0, 255)"),

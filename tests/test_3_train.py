@@ -704,7 +704,7 @@ def test_sd14_follows_the_papers_task_settings():
     assert s.prompts == "simple_animals" and train.derived(s, 1).steps_per_epoch == 4  # flags win
     s, _ = train.parse_settings(["--preset", "sd14", "--reward", "alignment"])
     assert s.prompts == "animals_activities" and train.derived(s, 1).steps_per_epoch == 2
-    assert (s.stat_buffer, s.stat_min_count, s.epochs) == (32, 16, 200)
+    assert (s.stat_buffer, s.stat_min_count, s.epochs, train.derived(s, 1).samples_per_epoch) == (32, 16, 200, 288)
     s, _ = train.parse_settings(["--preset", "sd14", "--lora", "no"])  # the authors' JAX code fine-tunes all at 1e-5
     assert s.lr == 1e-5 and train.parse_settings(["--preset", "sd14", "--lora", "no", "--lr", "3e-5"])[0].lr == 3e-5
     assert train.parse_settings(["--lora", "no"])[0].lr == 3e-4  # the tiny preset trains its whole UNet at 3e-4
