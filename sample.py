@@ -28,7 +28,8 @@ parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.R
 parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders (their latest checkpoint); 'base' is "
                     "the base model. Default: base and the latest checkpoint of the newest run under runs/")
 parser.add_argument("--model", help="base model: a folder in the published SD layout, or a single-file SD 1.x "
-                    ".safetensors checkpoint")
+                    ".safetensors checkpoint. Default: the one the checkpoints were trained on, else "
+                    "weights/stable-diffusion-v1-4 if downloaded, else weights/tiny")
 parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the model's prompts.json, else 4 animals")
 parser.add_argument("--per-prompt", type=number(int), default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=number(int), help="the seeds of each prompt's images instead (one image each); "
@@ -48,14 +49,15 @@ parser.add_argument("--batch-size", type=number(int), default=8, help="images pe
                     "depend on it: each has its own seed)")
 
 
-def trained(ckpts, setting, otherwise):
-    """The value of a setting the checkpoints were trained with, if they agree, else `otherwise`: a policy is best
-    compared as it learned, at its DDIM steps and eta."""
+def trained(ckpts, key, otherwise):
+    """What the checkpoints' state.json say for `key` ("base_model", or a setting: "num_steps", "eta") if they agree,
+    else `otherwise`: a policy is best compared as it learned, on its base model, at its DDIM steps and eta."""
     values = set()
     for c in ckpts:
         if (Path(c) / "state.json").is_file():
             with readable(c):  # a damaged state.json: one line naming the checkpoint
-                values.add(json.loads((Path(c) / "state.json").read_text()).get("settings", {}).get(setting))
+                state = json.loads((Path(c) / "state.json").read_text())
+                values.add(state.get(key, state.get("settings", {}).get(key)))
     values -= {None}
     return values.pop() if len(values) == 1 else otherwise
 
@@ -73,13 +75,13 @@ def main(args):
     check_output(args.out, "out", IMAGE_SUFFIXES)  # now, not after every image is sampled
     if args.scores:
         check_output(args.scores, "scores", (".json",))
-    args.model = str(resolve_model(args.model))
-    print(f"base model: {args.model}")
     ckpts = args.ckpt or ["base"] + [str(c) for c in [latest_run_checkpoint()] if c is not None]
     for i, ckpt in enumerate(ckpts):
         need(ckpt == "base" or Path(ckpt).is_dir(), "ckpt", ckpt, "no such checkpoint or run folder")
         if ckpt != "base" and checkpoints_of(Path(ckpt)):  # a run folder stands for its latest checkpoint
             ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
+    args.model = str(resolve_model(args.model or trained(ckpts, "base_model", None)))  # the one they were trained on
+    print(f"base model: {args.model}")
     seeds = args.seeds or list(range(args.per_prompt))
     if args.steps is None or args.eta is None:
         args.steps = trained(ckpts, "num_steps", 50) if args.steps is None else args.steps
