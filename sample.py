@@ -125,8 +125,9 @@ def main(args):
     print(f"wrote {args.out}")
     if args.scores:
         Path(args.scores).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.scores).write_text(json.dumps(dict(prompts=column_prompts, seeds=column_seeds, steps=args.steps, eta=args.eta, scores={
-            name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()})))
+        every = {name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()}
+        Path(args.scores).write_text(json.dumps(dict(prompts=column_prompts, seeds=column_seeds, steps=args.steps,
+                                                     eta=args.eta, scores=every)))
         print(f"wrote {args.scores}")
 
 
