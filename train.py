@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from nanoddpo import cli
 from nanoddpo.bench import image_flops, mfu
-from nanoddpo.checkpoint import checkpoints_of, forget_after, resume, save_checkpoint, start_run
+from nanoddpo.checkpoint import forget_after, resume, run_state, save_checkpoint, start_run
 from nanoddpo.cli import UsageError, keep_freed_memory, settings_parser
 from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
@@ -147,21 +147,15 @@ def parse_settings(argv=None):
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if given.get("resume"):  # a resumed run keeps its settings; what is given on the command line still wins
         run = Path(given["resume"])
-        ckpts = checkpoints_of(run)
-        saved = ckpts[-1] / "state.json" if ckpts else run / "settings.json"
-        if not saved.is_file():
-            raise UsageError(f"--resume {run}: no run there (no checkpoints/step_* and no settings.json)")
-        try:
-            state = json.loads(saved.read_text())
-            s = Settings(**{**state["settings"], **given})
-        except (ValueError, KeyError, TypeError) as e:  # a damaged file, or one from another version of train.py
-            raise UsageError(f"--resume {run}: {saved} cannot be read ({type(e).__name__}: {e})" +
-                             "; delete that checkpoint to resume from the one before" * bool(ckpts)) from None
+        state, ckpt = run_state(run)
+        unknown = set(state["settings"]) - {f.name for f in dataclasses.fields(Settings)}
+        cli.need(not unknown, "resume", run, f"saved by another version of train.py (settings {sorted(unknown)})")
+        s = Settings(**{**state["settings"], **given})
         for field in ("preset", "lora") + ("lora_rank",) * state["settings"]["lora"]:  # what the weights were made as
             was = state["settings"][field]
             cli.need(given.get(field, was) == was, field, given.get(field),
                      f"the run trains with --{field.replace('_', '-')} {was}")
-        done, ckpt = state.get("epoch", 0), ckpts[-1] if ckpts else None
+        done = state.get("epoch", 0)
         cli.need(done < s.epochs, "epochs", s.epochs, f"{run} has done {done} epochs: pass more to train on")
     else:
         s, ckpt = preset_settings(given), None

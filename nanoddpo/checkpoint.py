@@ -63,15 +63,29 @@ def save_checkpoint(run_dir, sd, lora, optimizer, state, keep=3):
 
 
 @contextmanager
-def readable(ckpt):
+def readable(ckpt, what="checkpoint"):
     """A checkpoint whose files are damaged (truncated, edited, missing) fails in one line that names it."""
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
         if is_out_of_memory(e):
             raise
-        raise LoadError(f"checkpoint {ckpt} cannot be read ({first_line(e)}): use another one (or delete it, and "
-                        f"--resume goes on from the one before)") from None
+        raise LoadError(f"{what} {ckpt} cannot be read ({first_line(e)}): " + (
+            "use another one (or delete it, and --resume goes on from the one before)" if what == "checkpoint" else
+            "start a new run")) from None
+
+
+def run_state(run):
+    """What --resume continues from: (the latest checkpoint's state.json, that checkpoint), or (settings.json, None)
+    for a run stopped before its first checkpoint. No run there, or a file that cannot be read, is one line."""
+    ckpts = checkpoints_of(run)
+    saved = ckpts[-1] / "state.json" if ckpts else Path(run) / "settings.json"
+    if not saved.is_file():
+        raise UsageError(f"--resume {run}: no run there (no checkpoints/step_* and no settings.json)")
+    with readable(ckpts[-1], "checkpoint") if ckpts else readable(saved, "the run's settings"):
+        state = json.loads(saved.read_text())
+        state["settings"]["lora"]  # the shape train.py reads: a dict of settings
+    return state, ckpts[-1] if ckpts else None
 
 
 def apply_checkpoint(sd, ckpt):

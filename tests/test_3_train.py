@@ -1,5 +1,6 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -535,8 +536,17 @@ def test_resume_refuses_what_cannot_continue(tmp_path, tiny_model_dir):
     with pytest.raises(model.LoadError, match=r"checkpoint .*step_2 cannot be read \(SafetensorError: .*delete it"):
         train.main(*train.parse_settings(["--resume", str(lora), "--epochs", "2"]))
     (lora / "checkpoints" / "step_2" / "state.json").write_text("{")  # damaged
-    with pytest.raises(train.UsageError, match=r"state.json cannot be read \(JSONDecodeError: .*\); delete that"):
+    with pytest.raises(model.LoadError, match=r"checkpoint .*step_2 cannot be read \(JSONDecodeError: .*\): use"):
         train.parse_settings(["--resume", str(lora), "--epochs", "2"])
+    state = json.loads((full / "checkpoints" / "step_2" / "state.json").read_text())
+    state["settings"]["bogus"] = 1  # a run from another version of train.py
+    (full / "checkpoints" / "step_2" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(train.UsageError, match=r"saved by another version of train.py \(settings \['bogus'\]\)"):
+        train.parse_settings(["--resume", str(full), "--epochs", "2"])
+    shutil.rmtree(full / "checkpoints")  # as if killed before its first checkpoint, with a damaged settings.json
+    (full / "settings.json").write_text("[]")
+    with pytest.raises(model.LoadError, match=r"the run's settings .*settings.json cannot be read \(TypeError"):
+        train.parse_settings(["--resume", str(full), "--epochs", "2"])
 
 
 def test_each_preset_takes_its_own_model(tmp_path, command_line, monkeypatch):
