@@ -44,16 +44,16 @@ from tqdm import tqdm
 
 from nanoddpo import cli
 from nanoddpo.bench import image_flops, mfu
-from nanoddpo.checkpoint import forget_after, resume, run_state, save_checkpoint, start_run
+from nanoddpo.checkpoint import forget_after, resume, resume_settings, save_checkpoint, start_run
 from nanoddpo.cli import UsageError, keep_freed_memory, settings_parser
 from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.lora import add_lora, lora_off, lora_parameters
-from nanoddpo.model import WEIGHTS, StableDiffusion, resolve_model
-from nanoddpo.prompts import PromptError, draw_prompts, load_prompts
-from nanoddpo.rewards import (REWARDS, AsyncReward, check_reward, get_reward, is_custom_reward, reward_label,
-                              write_answers)
+from nanoddpo.model import StableDiffusion
+from nanoddpo.prompts import draw_prompts
+from nanoddpo.rewards import AsyncReward, get_reward, reward_label, write_answers
+from nanoddpo.settings import check_settings, derived, model_and_prompts
 from nanoddpo.world import checker_for
 
 
@@ -135,8 +135,6 @@ PAPER_TASKS = {
     "alignment": dict(prompts="animals_activities", stat_buffer=32, stat_min_count=16, batches_per_epoch=18,
                       grad_accum=18, epochs=200),
 }
-CHOICES = dict(preset=tuple(PRESETS), algo=("ppo", "reinforce", "rwr", "rwr-sparse"),
-               precision=("auto", "fp32", "bf16", "fp16"), compile=("auto", "on", "off"))
 
 
 def parse_settings(argv=None):
@@ -145,20 +143,8 @@ def parse_settings(argv=None):
     parser = settings_parser(Settings, PRESETS, "DDPO fine-tuning; every field of Settings in train.py is a flag. "
                              "--preset sd14 also takes the paper's settings for the --reward (train.py's PAPER_TASKS).")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    if given.get("resume"):  # a resumed run keeps its settings; what is given on the command line still wins
-        run = Path(given["resume"])
-        state, ckpt = run_state(run)
-        unknown = set(state["settings"]) - {f.name for f in dataclasses.fields(Settings)}
-        cli.need(not unknown, "resume", run, f"saved by another version of train.py (settings {sorted(unknown)})")
-        s = Settings(**{**state["settings"], **given})
-        for field in ("preset", "lora") + ("lora_rank",) * state["settings"]["lora"]:  # what the weights were made as
-            was = state["settings"][field]
-            cli.need(given.get(field, was) == was, field, given.get(field),
-                     f"the run trains with --{field.replace('_', '-')} {was}")
-        done = state.get("epoch", 0)
-        cli.need(done < s.epochs, "epochs", s.epochs, f"{run} has done {done} epochs: pass more to train on")
-    else:
-        s, ckpt = preset_settings(given), None
+    # a resumed run keeps its saved settings (what is given on the command line still wins)
+    s, ckpt = resume_settings(Settings, given) if given.get("resume") else (preset_settings(given), None)
     for field in ("grad_accum", "num_inner_epochs"):  # given with reinforce, they would be ignored
         cli.need(s.algo != "reinforce" or field not in given, field, given.get(field),
                  "--algo reinforce makes one update of each epoch's samples: leave it out")
@@ -168,8 +154,7 @@ def parse_settings(argv=None):
 def preset_settings(given):
     """The preset's settings, with sd14 the paper's for the task, and the flags given over them."""
     preset = given.get("preset", Settings.preset)
-    if preset not in PRESETS:
-        raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    cli.need(preset in PRESETS, "preset", preset, f"choose one of {', '.join(PRESETS)}")
     task = PAPER_TASKS.get(given.get("reward", Settings.reward), {}) if preset == "sd14" else {}
     if preset == "sd14" and given.get("lora") is False:
         task = {**task, "lr": 1e-5}  # the authors' rate to fine-tune the whole UNet (3e-4 is LoRA's)
@@ -179,61 +164,6 @@ def preset_settings(given):
         print(f"--preset sd14 --reward {s.reward}: the paper's settings for this task: "
               f"{', '.join(f'{k}={v}' for k, v in chosen.items()) or 'all overridden by flags'}")
     return s
-
-
-def check_settings(s, world=1):
-    """Every field's range, checked before anything is loaded: a bad value is one line naming the flag."""
-    def need(ok, field, accepted):
-        cli.need(ok, field, getattr(s, field), accepted)
-    for field, choices in CHOICES.items():
-        need(getattr(s, field) in choices, field, f"choose one of {', '.join(choices)}")
-    need(s.reward in REWARDS or is_custom_reward(s.reward), "reward",
-         f"choose one of {', '.join(REWARDS)}, or your own path/to/file.py:function")
-    for field in ("epochs", "batch_size", "batches_per_epoch", "images_per_prompt", "train_batch_size", "grad_accum",
-                  "num_inner_epochs", "stat_buffer", "stat_min_count", "lora_rank", "save_every", "keep_checkpoints",
-                  "grid_every", "num_steps"):
-        need(getattr(s, field) >= 1, field, "must be at least 1")
-    for field in ("clip_range", "adv_clip_max", "adam_eps", "max_grad_norm"):  # 0 would make the update vanish
-        need(getattr(s, field) > 0, field, "must be above 0")
-    for field in ("seed", "guidance_scale", "kl_coef", "rwr_beta", "lr", "weight_decay", "threads"):
-        need(getattr(s, field) >= 0, field, "must be 0 or more")
-    need(s.num_steps <= 1000, "num_steps", "must be at most 1000 (the schedule's training steps)")
-    need(0 < s.eta <= 1 or (s.eta == 0 and s.algo.startswith("rwr")), "eta", "must be in (0, 1]: at eta 0 a "
-         "DDIM step is deterministic and has no log-probability for DDPO to train (RWR alone can use eta 0)")
-    need(0 < s.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
-    need(0 < s.rwr_top_fraction <= 1, "rwr_top_fraction", "must be in (0, 1]")
-    need(s.stat_min_count <= s.stat_buffer, "stat_min_count", f"must be at most --stat-buffer {s.stat_buffer}")
-    need(0 <= s.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
-    need(0 <= s.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
-    need(s.seed < 2**40, "seed", "must be below 2**40")
-    need(s.threads <= 1024, "threads", "must be at most 1024")
-    need(Path(s.name).name == s.name and s.name not in (".", ".."), "name", "must be a folder name, without '/'")
-    cli.check_device(s.device)
-    cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
-    need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
-    d = derived(s, world)
-    need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
-         f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
-    fits = max(k for k in range(1, min(d.grad_accum, d.train_batches) + 1) if d.train_batches % k == 0)  # below it
-    need(d.train_batches % d.grad_accum == 0, "grad_accum", f"must divide the {d.train_batches} train batches per "
-         f"epoch (samples per epoch per process / --train-batch-size); --grad-accum {fits} would")
-    need(d.samples_per_epoch % s.images_per_prompt == 0, "images_per_prompt",
-         f"must divide the samples per epoch ({d.samples_per_epoch})")
-    if s.lr == 0:
-        warnings.warn("--lr 0: the model will not change (useful only to measure)")
-    return s
-
-
-def derived(s, world):
-    """The quantities that follow from the settings, printed at start-up."""
-    local_samples = s.batch_size * s.batches_per_epoch
-    train_batches = local_samples // s.train_batch_size
-    # reinforce is one update per fresh batch: all of the epoch's samples go into one optimizer step
-    grad_accum, inner = (train_batches, 1) if s.algo == "reinforce" else (s.grad_accum, s.num_inner_epochs)
-    return SimpleNamespace(local_samples=local_samples, samples_per_epoch=local_samples * world,
-                              train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
-                              timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
-                              steps_per_epoch=max(1, train_batches // grad_accum) * inner)
 
 
 # -----------------------------------------------------------------------------
@@ -334,16 +264,6 @@ def kl_to_base(s, unet, base_unet, ddim, e, gen):
     return torch.cat(kls).mean().item()
 
 
-def prompts_for(s, model_dir):
-    """The run's prompts and where they came from, checked against the reward before any model loads."""
-    try:
-        prompts, why = load_prompts(s.prompts, model_dir)
-        check_reward(s.reward, prompts)
-    except UsageError as e:
-        raise UsageError(f"--{'prompts' if isinstance(e, PromptError) else 'reward'}: {e}") from None
-    return prompts, why
-
-
 def load_model(model_dir, device, dtype, lora):
     """SD with its frozen parts in the compute dtype (autocast would cast them on every call anyway). A fully
     fine-tuned UNet is AdamW's fp32 master copy: the published weights exactly, not their bf16 rounding."""
@@ -382,13 +302,8 @@ def main(s, resume_ckpt=None):
         torch.set_num_threads(s.threads)
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
     d = derived(check_settings(s, ranks.world), ranks.world)
-    # each preset's settings fit its own model: tiny trains weights/tiny even where SD v1-4 is downloaded
-    preset_model = WEIGHTS / ("stable-diffusion-v1-4" if s.preset == "sd14" else "tiny")
-    cli.need(s.model or preset_model.is_dir(), "preset", s.preset, "SD v1-4 is not in weights/stable-diffusion-v1-4: "
-             "fetch it (weights/README.md) or pass --model")
-    model_dir = resolve_model(s.model or str(preset_model))
+    model_dir, prompts, why = model_and_prompts(s)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
-    prompts, why = prompts_for(s, model_dir)
     s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(s.resume) if s.resume else Path(s.out_dir) / s.name
     start_run(run_dir, s, ranks.rank)

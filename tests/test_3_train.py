@@ -499,12 +499,12 @@ def test_nan_rewards_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkey
         r[::2] = np.nan
         return r
     monkeypatch.setitem(rewards.REWARDS, "half-nan", lambda: half_nan)
-    monkeypatch.setitem(train.REWARDS, "half-nan", lambda: half_nan)
+    monkeypatch.setitem(rewards.REWARDS, "half-nan", lambda: half_nan)
     with pytest.warns(UserWarning, match="NaN/inf reward"):
         run_dir = run(tmp_path, tiny_model_dir, name="r", reward="half-nan", epochs=1, train_batch_size=2)
     m = json.loads((run_dir / "metrics.jsonl").read_text())
     assert m["samples"] == 4 and np.isfinite(m["reward_mean"]) and np.isfinite(m["loss"])
-    monkeypatch.setitem(train.REWARDS, "all-nan", lambda: lambda images, prompts: np.full(len(images), np.nan))
+    monkeypatch.setitem(rewards.REWARDS, "all-nan", lambda: lambda images, prompts: np.full(len(images), np.nan))
     with pytest.raises(train.UsageError, match="--reward all-nan: NaN or inf for every image of epoch 0"):
         run(tmp_path, tiny_model_dir, name="all", reward="all-nan", epochs=1)
 
@@ -554,7 +554,7 @@ def test_each_preset_takes_its_own_model(tmp_path, command_line, monkeypatch):
     # without --model it trains the tiny model even where SD v1-4 is downloaded, and sd14 never falls back to tiny.
     (tmp_path / "stable-diffusion-v1-4").mkdir()
     (tmp_path / "tiny").mkdir()
-    monkeypatch.setattr(model, "WEIGHTS", tmp_path)
+    monkeypatch.setattr("nanoddpo.settings.WEIGHTS", tmp_path)
     loaded = []
     def stop(path, *args, **kwargs):
         loaded.append(path)

@@ -1,0 +1,93 @@
+"""
+train.py's settings checked, and the quantities that follow from them: the machinery a reader of the algorithm can
+skip. The Settings dataclass, its presets and the paper's per-task settings head train.py, where they are read.
+
+    check_settings(s, world)   # every field's range, before anything loads: a bad value is one line naming its flag
+    d = derived(s, world)      # samples per epoch, train batches, optimizer steps per epoch, timesteps trained
+    model_dir, prompts, why = model_and_prompts(s)  # what --model, --prompts and --reward name, found and checked
+
+    train.py: error: --timestep-fraction 1.5: must be in (0, 1]
+"""
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from nanoddpo import cli
+from nanoddpo.model import WEIGHTS, resolve_model
+from nanoddpo.prompts import PromptError, load_prompts
+from nanoddpo.rewards import REWARDS, check_reward, is_custom_reward
+
+CHOICES = dict(algo=("ppo", "reinforce", "rwr", "rwr-sparse"), precision=("auto", "fp32", "bf16", "fp16"),
+               compile=("auto", "on", "off"))  # --preset is checked where presets are applied (train.py)
+
+
+def check_settings(s, world=1):
+    """Every field's range, checked before anything is loaded: a bad value is one line naming the flag."""
+    def need(ok, field, accepted):
+        cli.need(ok, field, getattr(s, field), accepted)
+    for field, choices in CHOICES.items():
+        need(getattr(s, field) in choices, field, f"choose one of {', '.join(choices)}")
+    need(s.reward in REWARDS or is_custom_reward(s.reward), "reward",
+         f"choose one of {', '.join(REWARDS)}, or your own path/to/file.py:function")
+    for field in ("epochs", "batch_size", "batches_per_epoch", "images_per_prompt", "train_batch_size", "grad_accum",
+                  "num_inner_epochs", "stat_buffer", "stat_min_count", "lora_rank", "save_every", "keep_checkpoints",
+                  "grid_every", "num_steps"):
+        need(getattr(s, field) >= 1, field, "must be at least 1")
+    for field in ("clip_range", "adv_clip_max", "adam_eps", "max_grad_norm"):  # 0 would make the update vanish
+        need(getattr(s, field) > 0, field, "must be above 0")
+    for field in ("seed", "guidance_scale", "kl_coef", "rwr_beta", "lr", "weight_decay", "threads"):
+        need(getattr(s, field) >= 0, field, "must be 0 or more")
+    need(s.num_steps <= 1000, "num_steps", "must be at most 1000 (the schedule's training steps)")
+    need(0 < s.eta <= 1 or (s.eta == 0 and s.algo.startswith("rwr")), "eta", "must be in (0, 1]: at eta 0 a "
+         "DDIM step is deterministic and has no log-probability for DDPO to train (RWR alone can use eta 0)")
+    need(0 < s.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
+    need(0 < s.rwr_top_fraction <= 1, "rwr_top_fraction", "must be in (0, 1]")
+    need(s.stat_min_count <= s.stat_buffer, "stat_min_count", f"must be at most --stat-buffer {s.stat_buffer}")
+    need(0 <= s.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+    need(0 <= s.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+    need(s.seed < 2**40, "seed", "must be below 2**40")
+    need(s.threads <= 1024, "threads", "must be at most 1024")
+    need(Path(s.name).name == s.name and s.name not in (".", ".."), "name", "must be a folder name, without '/'")
+    cli.check_device(s.device)
+    cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
+    need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
+    d = derived(s, world)
+    need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
+         f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
+    fits = max(k for k in range(1, min(d.grad_accum, d.train_batches) + 1) if d.train_batches % k == 0)  # below it
+    need(d.train_batches % d.grad_accum == 0, "grad_accum", f"must divide the {d.train_batches} train batches per "
+         f"epoch (samples per epoch per process / --train-batch-size); --grad-accum {fits} would")
+    need(d.samples_per_epoch % s.images_per_prompt == 0, "images_per_prompt",
+         f"must divide the samples per epoch ({d.samples_per_epoch})")
+    if s.lr == 0:
+        warnings.warn("--lr 0: the model will not change (useful only to measure)")
+    return s
+
+
+def derived(s, world):
+    """The quantities that follow from the settings, printed at start-up."""
+    local_samples = s.batch_size * s.batches_per_epoch
+    train_batches = local_samples // s.train_batch_size
+    # reinforce is one update per fresh batch: all of the epoch's samples go into one optimizer step
+    grad_accum, inner = (train_batches, 1) if s.algo == "reinforce" else (s.grad_accum, s.num_inner_epochs)
+    return SimpleNamespace(local_samples=local_samples, samples_per_epoch=local_samples * world,
+                              train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
+                              timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
+                              steps_per_epoch=max(1, train_batches // grad_accum) * inner)
+
+
+def model_and_prompts(s):
+    """The model folder, the prompts and where they came from, checked against the reward before any model loads."""
+    # each preset's settings fit its own model: tiny trains weights/tiny even where SD v1-4 is downloaded
+    preset_model = WEIGHTS / ("stable-diffusion-v1-4" if s.preset == "sd14" else "tiny")
+    cli.need(s.model or preset_model.is_dir(), "preset", s.preset, "SD v1-4 is not in weights/stable-diffusion-v1-4: "
+             "fetch it (weights/README.md) or pass --model")
+    model_dir = resolve_model(s.model or str(preset_model))
+    try:
+        prompts, why = load_prompts(s.prompts, model_dir)
+        check_reward(s.reward, prompts)
+    except cli.UsageError as e:
+        raise cli.UsageError(f"--{'prompts' if isinstance(e, PromptError) else 'reward'}: {e}") from None
+    return model_dir, prompts, why
