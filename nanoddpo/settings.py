@@ -54,6 +54,8 @@ def check_settings(s, world=1):
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
     d = derived(s, world)
+    need(d.samples_per_epoch <= 10**6, "batch_size", f"{d.samples_per_epoch} samples per epoch (x --batches-per-epoch "
+         f"{s.batches_per_epoch} x {world} process(es)): an epoch keeps every trajectory for training; at most 1,000,000")
     need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
          f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
     fits = max(k for k in range(1, min(d.grad_accum, d.train_batches) + 1) if d.train_batches % k == 0)  # below it

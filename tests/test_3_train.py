@@ -499,7 +499,6 @@ def test_nan_rewards_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkey
         r[::2] = np.nan
         return r
     monkeypatch.setitem(rewards.REWARDS, "half-nan", lambda: half_nan)
-    monkeypatch.setitem(rewards.REWARDS, "half-nan", lambda: half_nan)
     with pytest.warns(UserWarning, match="NaN/inf reward"):
         run_dir = run(tmp_path, tiny_model_dir, name="r", reward="half-nan", epochs=1, train_batch_size=2)
     m = json.loads((run_dir / "metrics.jsonl").read_text())
@@ -586,6 +585,8 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--kl-coef", "1e400"], "--kl-coef: 1e400: expected a finite number"),
     (["--guidance-scale", "nan"], "--guidance-scale: nan: expected a finite number"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000: 5000000000 samples per epoch (x --batches-per-epoch 5 "
+                                     "x 1 process(es)): an epoch keeps every trajectory for training; at most 1,000,000"),
     (["--num-steps", "0"], "--num-steps 0: must be at least 1"),
     (["--num-steps", "1001"], "--num-steps 1001: must be at most 1000"),
     (["--epochs", "-3"], "--epochs -3: must be at least 1"),
