@@ -6,7 +6,8 @@ Compare checkpoints: render the base model and fine-tuned checkpoints on the sam
     python sample.py --reward jpeg --per-prompt 2      # score every image; two seeds per prompt
     python sample.py --ckpt base runs/x/checkpoints/step_100 --prompts "a cat" "a dog" --steps 20
 
-The base model is --model, else weights/stable-diffusion-v1-4 when present, else the bundled weights/tiny.
+The base model is --model, else the one the checkpoints were trained on, else weights/stable-diffusion-v1-4 when
+present, else the bundled weights/tiny. DDIM steps, eta and guidance default to what the checkpoints were trained with.
 """
 import argparse
 import copy
@@ -38,7 +39,8 @@ parser.add_argument("--steps", type=number(int), help="DDIM steps; default: the 
                     "with, else 50")
 parser.add_argument("--eta", type=number(float), help="DDIM stochasticity in [0, 1]; default: the eta the checkpoints "
                     "were trained with, else 1")
-parser.add_argument("--guidance", type=number(float), default=5.0, help="classifier-free guidance scale w")
+parser.add_argument("--guidance", type=number(float), help="classifier-free guidance scale w; default: the one the "
+                    "checkpoints were trained with, else 5")
 parser.add_argument("--reward", nargs="+", help=f"score every image with each of these rewards ({', '.join(REWARDS)}, "
                     "or your own path/to/file.py:function); each row's mean is printed, and its paired difference "
                     "from the base row +- its standard error")
@@ -50,8 +52,9 @@ parser.add_argument("--batch-size", type=number(int), default=8, help="images pe
 
 
 def trained(ckpts, key, otherwise):
-    """What the checkpoints' state.json say for `key` ("base_model", or a setting: "num_steps", "eta") if they agree,
-    else `otherwise`: a policy is best compared as it learned, on its base model, at its DDIM steps and eta."""
+    """What the checkpoints' state.json say for `key` ("base_model", or a setting: "num_steps", "eta", "guidance_scale")
+    if they agree, else `otherwise`: a policy is best compared as it learned, on its base model, at its DDIM steps, eta
+    and guidance (the guided eps is the policy)."""
     values = set()
     for c in ckpts:
         if (Path(c) / "state.json").is_file():
@@ -67,7 +70,7 @@ def main(args):
     need(args.steps is None or args.steps <= 1000, "steps", args.steps,
          "must be at most 1000 (the schedule's training steps)")
     need(args.eta is None or 0 <= args.eta <= 1, "eta", args.eta, "must be in [0, 1]")
-    need(args.guidance >= 0, "guidance", args.guidance, "must be 0 or more (1 is no guidance)")
+    need(args.guidance is None or args.guidance >= 0, "guidance", args.guidance, "must be 0 or more (1 is no guidance)")
     need(args.per_prompt >= 1, "per_prompt", args.per_prompt, "must be at least 1")
     need(all(0 <= seed < 2**63 for seed in args.seeds or []), "seeds", args.seeds, "must be 0 or more and below 2**63")
     need(args.batch_size >= 1, "batch_size", args.batch_size, "must be at least 1")
@@ -83,11 +86,12 @@ def main(args):
     args.model = str(resolve_model(args.model or trained(ckpts, "base_model", None)))  # the one they were trained on
     print(f"base model: {args.model}")
     seeds = args.seeds or list(range(args.per_prompt))
-    if args.steps is None or args.eta is None:
+    if None in (args.steps, args.eta, args.guidance):
         args.steps = trained(ckpts, "num_steps", 50) if args.steps is None else args.steps
         args.eta = trained(ckpts, "eta", 1.0) if args.eta is None else args.eta
-        print(f"DDIM steps {args.steps}, eta {args.eta}: as the checkpoints were trained (else 50 and 1); --steps and "
-              f"--eta to change")
+        args.guidance = trained(ckpts, "guidance_scale", 5.0) if args.guidance is None else args.guidance
+        print(f"DDIM steps {args.steps}, eta {args.eta}, guidance {args.guidance}: as the checkpoints were trained "
+              f"(else 50, 1, 5); --steps, --eta and --guidance to change")
     prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
     for name in args.reward or []:  # before the model loads
         check_reward(name, prompts)

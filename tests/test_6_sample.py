@@ -116,22 +116,23 @@ def test_defaults_are_what_the_checkpoints_were_trained_with(tmp_path, tiny_mode
     script = load_sample_script()
     for name, steps, eta, base in [("a", 10, 0.5, tiny_model_dir), ("b", 10, 0.5, tiny_model_dir), ("c", 20, 1.0, "x")]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "state.json").write_text(json.dumps({"base_model": str(base),
-                                                                "settings": {"num_steps": steps, "eta": eta}}))
+        (tmp_path / name / "state.json").write_text(json.dumps({"base_model": str(base), "settings": {
+            "num_steps": steps, "eta": eta, "guidance_scale": 3.0}}))
     a, b, c = (str(tmp_path / n) for n in "abc")
     assert script.trained(["base", a, b], "num_steps", 50) == 10  # a tiny-preset run is compared at its 10 steps
     assert script.trained(["base", a, b], "eta", 1.0) == 0.5  # and a policy trained at eta 0.5 at eta 0.5
     assert script.trained(["base", a, b], "base_model", None) == str(tiny_model_dir)  # on the model it started from
     assert script.trained(["base"], "num_steps", 50) == 50 and script.trained([a, c], "eta", 1.0) == 1.0  # no agreement
-    etas = []  # and they reach the sampler, without --model, --steps or --eta
+    etas = []  # and they reach the sampler, without --model, --steps, --eta or --guidance (the guided eps is the policy)
     def recording(sd, prompts, seeds, **kw):
-        etas.append((sd.path, kw["num_steps"], kw["eta"]))
+        etas.append((sd.path, kw["num_steps"], kw["eta"], kw["guidance_scale"]))
         raise SystemExit(0)
     script.sample = recording
-    for given in ([], ["--eta", "0"]):
+    for given in ([], ["--eta", "0"], ["--guidance", "7"]):
         with pytest.raises(SystemExit):
             script.main(script.parser.parse_args(["--ckpt", "base", a, "--out", str(tmp_path / "x.png"), *given]))
-    assert etas == [(str(tiny_model_dir), 10, 0.5), (str(tiny_model_dir), 10, 0.0)]
+    assert etas == [(str(tiny_model_dir), 10, 0.5, 3.0), (str(tiny_model_dir), 10, 0.0, 3.0),
+                    (str(tiny_model_dir), 10, 0.5, 7.0)]
 
 
 def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
