@@ -17,14 +17,14 @@ policy is one stochastic DDIM step: a Gaussian whose mean comes from the UNet's 
      which is why clip_range is as small as 1e-4.
    - --kl-coef c adds c * KL(policy step || base model step) at every trained step (DPOK, Fan et al. 2023): a leash
      against over-optimization. Every epoch logs that KL (kl_to_base) whether or not it is penalised.
-   - RWR (--algo rwr, rwr-sparse) is the paper's maximum-likelihood baseline: the ordinary denoising loss on the final
-     latents, weighted by softmax(beta * reward) (or 1 for the top 10%, 0 for the rest). It never uses the per-step
+   - RWR (reward-weighted regression, --algo rwr, rwr-sparse) is the paper's maximum-likelihood baseline: the denoising
+     loss of the guided eps on the final latents, weighted by softmax(beta * reward) (or 1 for the top 10%, 0 for the rest). It never uses the per-step
      log-probs, only the variational bound, and the paper shows DDPO beating it.
 
     python train.py --reward jpeg                            # the bundled tiny model, CPU, a few minutes
     python train.py --preset sd14 --reward aesthetic         # SD v1-4 + LoRA, one GPU
     python train.py --resume runs/<name>                     # continue a run where it stopped
-    torchrun --nproc_per_node=8 train.py --preset sd14       # data-parallel on 8 GPUs
+    torchrun --nproc_per_node=8 train.py --preset sd14 --batches-per-epoch 2 --grad-accum 1  # 8 GPUs: 256 samples, 4 steps
 """
 import copy
 import dataclasses
@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from nanoddpo import cli
 from nanoddpo.bench import image_flops, mfu
-from nanoddpo.checkpoint import forget_after, resume, resume_settings, save_checkpoint, start_run
+from nanoddpo.checkpoint import forget_after, resume, save_checkpoint, start_run
 from nanoddpo.cli import UsageError, keep_freed_memory, settings_parser
 from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
@@ -53,17 +53,17 @@ from nanoddpo.lora import add_lora, lora_off, lora_parameters
 from nanoddpo.model import StableDiffusion
 from nanoddpo.prompts import draw_prompts
 from nanoddpo.rewards import AsyncReward, get_reward, reward_label, write_answers
-from nanoddpo.settings import check_settings, derived, model_and_prompts
+from nanoddpo.settings import check_settings, derived, model_and_prompts, resume_settings
 from nanoddpo.world import checker_for
 
 
 @dataclass
 class Settings:
     preset: str = "tiny"          # tiny (bundled model, CPU) | sd14 (SD v1-4 + LoRA, one GPU); other flags override it
-    model: str = ""               # model folder or .safetensors file; "" = the preset's, weights/tiny or sd-v1-4
+    model: str = ""               # model folder or .safetensors file; "" = the preset's: weights/tiny, weights/stable-diffusion-v1-4
     reward: str = "jpeg"          # jpeg | jpeg-incompressibility | aesthetic | alignment | tinyworld | path/to/file.py:fn
     algo: str = "ppo"             # ppo (DDPO_IS, clipped importance sampling) | reinforce (DDPO_SF) | rwr | rwr-sparse
-    prompts: str = ""             # a set in nanoddpo/prompts.py or a .txt/.json file; "" = the model's prompts.json
+    prompts: str = ""             # a set in nanoddpo/prompts.py or a .txt/.json file; "" = sd14: the task's set, else the model's prompts.json
     epochs: int = 100             # >= 1
     seed: int = 0                 # >= 0; everything random in a run derives from it
     name: str = ""                # run folder <out_dir>/<name>; "" = <reward>-<algo>-<time>
@@ -221,7 +221,7 @@ def policy_loss(s, log_prob, old_log_prob, advantages):
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1 - s.clip_range, 1 + s.clip_range)
         pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    approx_kl = 0.5 * (log_ratio**2).mean()  # an estimate of KL(p_old || p_theta), for monitoring
+    approx_kl = 0.5 * (log_ratio**2).mean()  # KL(p_old || p_theta) per latent dim (the log-prob is a mean), to watch
     clipfrac = ((ratio - 1).abs() > s.clip_range).float().mean()
     return pg_loss, approx_kl.detach(), clipfrac.detach()
 
@@ -241,7 +241,7 @@ def ddpo_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
 
 
 def rwr_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
-    """RWR: the reward-weighted denoising loss w_i * ||eps_guided(x_t, t, c) - eps||^2 at a random t per sample."""
+    """RWR: the reward-weighted denoising loss w_i * ||eps_guided(x_t, t, c) - noise||^2 at a random t per sample."""
     x0 = e.latents[rows, -1]
     t = torch.randint(ddim.alpha_bar.numel(), (len(x0),), generator=gen).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -301,6 +301,8 @@ def main(s, resume_ckpt=None):
     if s.threads:
         torch.set_num_threads(s.threads)
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
+    # checked again now that torchrun's world size is known. d: what follows from s (nanoddpo/settings.py); with
+    # reinforce, every train batch of the epoch goes into its one optimizer step (d.grad_accum), in one pass
     d = derived(check_settings(s, ranks.world), ranks.world)
     model_dir, prompts, why = model_and_prompts(s)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))

@@ -212,7 +212,7 @@ def timed(fn, repeats, device):
 
 
 class Inputs:
-    """One batch of stored steps, as train.py feeds log_prob_of_step: latents, timesteps, prompts, old log-probs."""
+    """One batch of stored steps, as train.py's ddpo_step_loss scores them: latents, timesteps, prompts, old log-probs."""
 
     def __init__(self, sd, ddim, batch, device):
         gen = torch.Generator().manual_seed(1)

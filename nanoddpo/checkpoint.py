@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nanoddpo.cli import UsageError, first_line, is_out_of_memory, need
+from nanoddpo.cli import UsageError, first_line, is_out_of_memory
 from nanoddpo.lora import apply_lora_file, lora_state_dict
 from nanoddpo.model import LoadError, save_json, save_safetensors
 
@@ -87,23 +87,6 @@ def run_state(run):
         state["settings"]["lora"]  # the shape train.py reads: a dict of settings
     return state, ckpts[-1] if ckpts else None
 
-
-
-def resume_settings(cls, given):
-    """--resume: the run's saved settings (a `cls`) with the flags `given` over them, and the checkpoint to continue
-    from (None: the run's start). Flags that would change what the saved weights are must match them."""
-    run = Path(given["resume"])
-    state, ckpt = run_state(run)
-    saved = state["settings"]
-    unknown = set(saved) - {f.name for f in dataclasses.fields(cls)}
-    need(not unknown, "resume", run, f"saved by another version of train.py (settings {sorted(unknown)})")
-    for field in ("preset", "lora") + ("lora_rank",) * saved["lora"]:
-        need(given.get(field, saved[field]) == saved[field], field, given.get(field),
-             f"the run trains with --{field.replace('_', '-')} {saved[field]}")
-    s = cls(**{**saved, **given})
-    done = state.get("epoch", 0)
-    need(done < s.epochs, "epochs", s.epochs, f"{run} has done {done} epochs: pass more to train on")
-    return s, ckpt
 
 def apply_checkpoint(sd, ckpt):
     """Put a checkpoint's weights into sd.unet (adding LoRA layers for a LoRA checkpoint). Returns its state.json."""

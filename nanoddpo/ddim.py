@@ -2,7 +2,8 @@
 DDIM sampling with exact per-step log-probabilities: all of nanoddpo's diffusion math.
 
 DDPO treats the 50 denoising steps as a policy: each stochastic DDIM step (eta = 1) is a Gaussian
-p(x_prev | x_t, c) = Normal(x_prev_mean, sigma_t), and training needs its log-density for the action that was taken.
+p(x_prev | x_t, c) = Normal(x_prev_mean, sigma_t), c the prompt's text embedding, and training needs its log-density
+for the action that was taken.
 Follows DDIM (Song et al. 2021, eq. 12 and 16) with Stable Diffusion v1's schedule, as DDPO (Black et al. 2023,
 arXiv 2305.13301) uses it.
 
@@ -131,7 +132,8 @@ def guided_eps(unet, x_t, t, context, negative_context, guidance_scale):
 
 
 def log_prob_of_step(unet, ddim, x_t, x_prev, t, context, negative_context, guidance_scale=5.0, eta=1.0):
-    """log p_theta(x_prev | x_t, c) (B,) of a stored step under the current UNet, differentiable w.r.t. its weights."""
+    """log p_theta(x_prev | x_t, c) (B,) of a stored step under the current UNet, differentiable w.r.t. its weights.
+    train.py's ddpo_step_loss makes the same two calls itself, to reuse eps for the KL penalty."""
     eps = guided_eps(unet, x_t, t, context, negative_context, guidance_scale)
     return ddim.step(eps, t, x_t, eta=eta, x_prev=x_prev)[1]
 

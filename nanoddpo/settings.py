@@ -1,13 +1,16 @@
 """
-train.py's settings checked, and the quantities that follow from them: the machinery a reader of the algorithm can
-skip. The Settings dataclass, its presets and the paper's per-task settings head train.py, where they are read.
+train.py's settings checked, a resumed run's settings, and the quantities that follow from them: the machinery a
+reader of the algorithm can skip. The Settings dataclass, its presets and the paper's per-task settings head train.py,
+where they are read.
 
+    s, ckpt = resume_settings(Settings, flags)  # --resume: the run's saved settings, the flags given over them
     check_settings(s, world)   # every field's range, before anything loads: a bad value is one line naming its flag
     d = derived(s, world)      # samples per epoch, train batches, optimizer steps per epoch, timesteps trained
     model_dir, prompts, why = model_and_prompts(s)  # what --model, --prompts and --reward name, found and checked
 
     train.py: error: --timestep-fraction 1.5: must be in (0, 1]
 """
+import dataclasses
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +18,31 @@ from types import SimpleNamespace
 import torch
 
 from nanoddpo import cli
+from nanoddpo.checkpoint import run_state
 from nanoddpo.model import WEIGHTS, resolve_model
 from nanoddpo.prompts import PromptError, load_prompts
 from nanoddpo.rewards import REWARDS, check_reward, is_custom_reward
 
 CHOICES = dict(algo=("ppo", "reinforce", "rwr", "rwr-sparse"), precision=("auto", "fp32", "bf16", "fp16"),
                compile=("auto", "on", "off"))  # --preset is checked where presets are applied (train.py)
+
+
+def resume_settings(cls, given):
+    """--resume: the run's saved settings (a train.Settings, `cls`) with the flags `given` over them, and the
+    checkpoint to continue from (None: the run's start). Flags that would change what the saved weights are must
+    match them."""
+    run = Path(given["resume"])
+    state, ckpt = run_state(run)
+    saved = state["settings"]
+    unknown = set(saved) - {f.name for f in dataclasses.fields(cls)}
+    cli.need(not unknown, "resume", run, f"saved by another version of train.py (settings {sorted(unknown)})")
+    for field in ("preset", "lora") + ("lora_rank",) * saved["lora"]:
+        cli.need(given.get(field, saved[field]) == saved[field], field, given.get(field),
+                 f"the run trains with --{field.replace('_', '-')} {saved[field]}")
+    s = cls(**{**saved, **given})
+    done = state.get("epoch", 0)
+    cli.need(done < s.epochs, "epochs", s.epochs, f"{run} has done {done} epochs: pass more to train on")
+    return s, ckpt
 
 
 def check_settings(s, world=1):
@@ -75,9 +97,9 @@ def derived(s, world):
     # reinforce is one update per fresh batch: all of the epoch's samples go into one optimizer step
     grad_accum, inner = (train_batches, 1) if s.algo == "reinforce" else (s.grad_accum, s.num_inner_epochs)
     return SimpleNamespace(local_samples=local_samples, samples_per_epoch=local_samples * world,
-                              train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
-                              timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
-                              steps_per_epoch=max(1, train_batches // grad_accum) * inner)
+                           train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
+                           timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
+                           steps_per_epoch=max(1, train_batches // grad_accum) * inner)
 
 
 def model_and_prompts(s):
