@@ -119,6 +119,40 @@ def test_decode_latents_in_chunks_of_one_sd_image(sd, monkeypatch):
         assert torch.equal(out, (z[:, :3] / sd.scaling_factor / 2 + 0.5).clamp(0, 1))  # each image in its own place
 
 
+def test_every_norm_layer_has_the_reference_libraries_eps(sd):
+    """Each GroupNorm and LayerNorm has the eps (and groups) of the module under the same name in diffusers' UNet and
+    VAE and transformers' CLIP text model. The transformers' GroupNorm at eps 1e-5 instead of 1e-6 moves the UNet's
+    output by less than the parity tests' 1e-5 on their inputs, but not on every input: a group of small variance."""
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    refs = {"unet": diffusers.UNet2DConditionModel(**TINY_UNET), "vae": diffusers.AutoencoderKL(**TINY_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**sd.text_encoder.cfg))}
+    for name, ref in refs.items():
+        theirs = dict(ref.named_modules())
+        norms = [(k, m) for k, m in getattr(sd, name).named_modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        assert len(norms) >= 5  # two text layers of two norms and the final one, at the fewest
+        for key, ours in norms:
+            other = theirs[key] if key in theirs else theirs[key.removeprefix("text_model.")]  # transformers 5
+            assert isinstance(other, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and ours.eps == other.eps, (name, key)
+            assert getattr(ours, "num_groups", None) == getattr(other, "num_groups", None), (name, key)
+
+
+def test_vae_config_without_scaling_factor_takes_diffusers_default(sd):
+    """SD v1-4's vae/config.json was published before diffusers added scaling_factor; such a config gets the value
+    diffusers' AutoencoderKL gives it, the factor SD v1 was trained with."""
+    diffusers = pytest.importorskip("diffusers")
+    old = {k: v for k, v in TINY_VAE.items() if k != "scaling_factor"}
+    built = StableDiffusion(sd.unet.cfg, old, sd.text_encoder.cfg, sd.tokenizer, init=False)
+    assert built.scaling_factor == diffusers.AutoencoderKL(**old).config.scaling_factor
+
+
+def test_image_size_is_what_the_vae_decodes(sd):
+    """sd.image_size (the side sample() and the rewards see) is the side of the VAE's decoded latent_shape."""
+    with torch.no_grad():
+        assert sd.vae.decode(torch.zeros(1, *sd.latent_shape)).shape == (1, 3, sd.image_size, sd.image_size)
+
+
 # --- loading: every published naming, every dtype ------------------------------------------------------------------
 
 def test_round_trip_is_exact(sd, tiny_model_dir, tmp_path):

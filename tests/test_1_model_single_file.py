@@ -106,6 +106,17 @@ def test_single_file_matches_diffusers_from_single_file(sd, tiny_model_dir, tiny
     assert_same(StableDiffusion.from_pretrained(tiny_file, config=tiny_model_dir), sd)
 
 
+def test_vae_attention_is_written_as_the_original_1x1_convs(sd, tiny_file):
+    """latent-diffusion's VAE attention (AttnBlock) holds q, k, v and proj_out as 1x1 Conv2d layers: an original-layout
+    file stores their weights as [C, C, 1, 1], which the SD UIs load into those convs."""
+    tensors = load_file(tiny_file)
+    channels = sd.vae.cfg["block_out_channels"][-1]
+    for part in ("encoder", "decoder"):
+        for name in ("q", "k", "v", "proj_out"):
+            key = f"first_stage_model.{part}.mid.attn_1.{name}"
+            assert tensors[key + ".weight"].shape == (channels, channels, 1, 1) and tensors[key + ".bias"].shape == (channels,)
+
+
 # --- the variants real files come in --------------------------------------------------------------------------------
 
 SCHEDULE = {"betas": torch.linspace(0.00085, 0.012, 1000, dtype=torch.float64), "alphas_cumprod": torch.rand(1000),
