@@ -88,6 +88,24 @@ def test_tokenizer_makes_each_word_one_token(tmp_path):
     assert len(tokenizer("zebra").input_ids) > 3
 
 
+def test_hue_is_hsv_hue():
+    """The checker's hue is the HSV hue of the standard library's colorsys, in degrees, for every kind of colour."""
+    import colorsys
+
+    rng = np.random.default_rng(0)
+    colours = [*world.COLOURS.values(), (40, 220, 200), (200, 40, 120), (90, 90, 90), *rng.integers(256, size=(200, 3))]
+    for rgb in colours:
+        rgb = np.array(rgb, dtype=np.float64)
+        assert abs(world._hue(rgb) - 360 * colorsys.rgb_to_hsv(*rgb / 255)[0]) < 1e-9, rgb
+
+
+def test_byte_alphabet_is_gpt2s():
+    """bytes_to_unicode is GPT-2's (and CLIP's) byte-level alphabet, byte for byte, as transformers builds it."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert world.bytes_to_unicode() == bytes_to_unicode()
+
+
 needs_weights = pytest.mark.skipif(not (TINY / "unet").is_dir(), reason="weights/tiny not made yet "
                                    "(python -m nanoddpo.pretrain --out weights/tiny)")
 
