@@ -98,3 +98,26 @@ def test_export_errors(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"nanoddpo.export: error: checkpoint .*step_3 cannot be read \(FileNotFound"):
         main([str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out")])
 
+
+def test_export_takes_the_latest_checkpoint_unless_a_step_is_given(tiny_model_dir, tmp_path):
+    """Without --step the run's latest checkpoint (the highest step) is exported, as the module's usage line says."""
+    run = tmp_path / "runs" / "two"
+    for step in (3, 10):
+        make_run(tiny_model_dir, run, lora=True, step=step)
+    assert export(run, tmp_path / "out")[0].name == "two-step10-lora.safetensors"
+    assert export(run, tmp_path / "out", step=3)[0].name == "two-step3-lora.safetensors"
+
+
+def test_full_export_keeps_the_base_models_scheduler(tiny_model_dir, tmp_path):
+    """The exported folder samples with the noise schedule of the base model it was trained from, not SD v1's."""
+    import json
+    import shutil
+    from nanoddpo.single_file import SD_V1
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    schedule = {**json.loads((SD_V1 / "scheduler_config.json").read_text()), "beta_end": 0.02, "beta_schedule": "linear"}
+    (base / "scheduler").mkdir()
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule))
+    make_run(base, tmp_path / "runs" / "full", lora=False)
+    (folder,) = export(tmp_path / "runs" / "full", tmp_path / "out")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == schedule

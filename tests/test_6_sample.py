@@ -284,3 +284,71 @@ def test_custom_reward(workdir, tiny_model_dir, monkeypatch, capsys):
     with pytest.raises(UsageError) as exit_info:
         script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--reward", "my_reward.py:nope"]))
     assert "reward my_reward.py:nope: nope is not defined in my_reward.py (its functions: score)" in str(exit_info.value)
+
+
+def test_default_checkpoint_is_the_newest_runs_latest(tmp_path):
+    """Without --ckpt, sample.py compares the base model with the latest checkpoint of the run written most recently,
+    whichever run sorts first by name or has the higher step numbers."""
+    from nanoddpo.checkpoint import latest_run_checkpoint
+
+    for run, steps, written in (("a_new", (1, 2), 2_000_000_000), ("b_old", (5, 9), 1_000_000_000)):
+        for step in steps:
+            folder = tmp_path / "runs" / run / "checkpoints" / f"step_{step}"
+            folder.mkdir(parents=True)
+            os.utime(folder, (written + step, written + step))
+    assert latest_run_checkpoint(tmp_path / "runs") == tmp_path / "runs/a_new/checkpoints/step_2"
+
+
+def test_each_cell_is_its_prompt_and_seed_on_its_own_rows_model(workdir, tiny_model_dir, monkeypatch):
+    """Column j shows prompt j // per_prompt at seed j % per_prompt (--per-prompt 2: seeds 0 and 1, as its help
+    says), and each row is its own model alone: the base row after a checkpoint's row is, image for image, what
+    ddim.sample draws from a freshly loaded base model. Sampling is at DDPO's published defaults (the authors'
+    config/base.py: sample.guidance_scale 5.0, sample.eta 1.0, sample.num_steps 50) when the checkpoints do not say."""
+    from nanoddpo.ddim import sample
+
+    monkeypatch.chdir(workdir)
+    script = load_sample_script()
+    calls = []
+
+    def recording(sd, prompts, seeds, **kw):
+        trajectory = sample(sd, prompts, seeds, **kw)
+        calls.append((list(prompts), list(seeds), kw, trajectory.images))
+        return trajectory
+
+    monkeypatch.setattr(script, "sample", recording)
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt",
+                                          "runs/demo/checkpoints/step_2", "base", "--prompts", "a cat", "a dog",
+                                          "--per-prompt", "2", "--batch-size", "1", "--out", "cells.png"]))
+    assert [(p, s) for p, s, _, _ in calls] == [([p], [s]) for _ in range(2) for p in ("a cat", "a dog") for s in (0, 1)]
+    assert all(kw["guidance_scale"] == 5.0 and kw["eta"] == 1.0 and kw["num_steps"] == 2 for _, _, kw, _ in calls)
+    fresh = StableDiffusion.from_pretrained(tiny_model_dir)
+    for prompts, seeds, kw, images in calls[4:]:  # the base row, sampled after the checkpoint's row
+        assert torch.equal(images, sample(fresh, prompts, seeds, **kw).images)
+
+    def stop(sd, prompts, seeds, **kw):
+        calls.append(kw)
+        raise SystemExit(0)
+    monkeypatch.setattr(script, "sample", stop)
+    with pytest.raises(SystemExit):  # no checkpoint to take the steps from
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--ckpt", "base", "--out", "x.png"]))
+    assert calls[-1]["num_steps"] == 50 and calls[-1]["eta"] == 1.0 and calls[-1]["guidance_scale"] == 5.0
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_image_differences(workdir, tiny_model_dir,
+                                                                                  monkeypatch, capsys):
+    """Each checkpoint's line gives mean(d) +- sd(d) / sqrt(n) over the per-image differences d = checkpoint - base
+    (the sample standard deviation, n - 1), computed here by hand from the scores sample.py writes."""
+    monkeypatch.chdir(workdir)
+    script = load_sample_script()
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--ckpt", "base",
+                                          "runs/demo/checkpoints/step_2", "--prompts", "a cat", "a dog",
+                                          "--per-prompt", "2", "--reward", "jpeg", "--scores", "paired.json",
+                                          "--out", "paired.png"]))
+    scores = json.loads((workdir / "paired.json").read_text())["scores"]["jpeg"]
+    d = [c - b for c, b in zip(scores["runs/demo/checkpoints/step_2"], scores["base"])]
+    n = len(d)
+    mean = sum(d) / n
+    standard_error = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n**0.5
+    assert n == 4 and standard_error > 0
+    line = f"{mean:+.4f} +- {standard_error:.4f} paired against base"
+    assert line in capsys.readouterr().out
