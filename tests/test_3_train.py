@@ -842,3 +842,116 @@ def test_tradeoff_puts_each_checkpoint_at_its_paired_gain_and_loss(tmp_path):
     # x 70..540, y 30..395 px, with 10% margins around the data range x 0..0.1, y 0..0.5.
     assert img.getpixel((501, 365)) == rgb[0]
     assert img.getpixel((109, 60)) == rgb[1]
+
+
+# --- LoRA's initialisation, checkpoints and the collectives, each checked on its own ---------------------------------
+
+def test_lora_starts_as_diffusers_lora_linear_layer(tiny_model_dir):
+    """DDPO's code trained diffusers' LoRA attention processors, whose LoRALinearLayer starts the up matrix (B) at
+    zero and draws the down matrix (A) from N(0, (1 / rank)^2): the same start here, layer by layer."""
+    import warnings
+    LoRALinearLayer = getattr(pytest.importorskip("diffusers.models.lora"), "LoRALinearLayer", None)
+    if LoRALinearLayer is None:
+        pytest.skip("this diffusers no longer has LoRALinearLayer")
+
+    unet = StableDiffusion.from_pretrained(tiny_model_dir).unet
+    torch.manual_seed(0)
+    add_lora(unet, rank=4)
+    layers = [m for m in unet.modules() if hasattr(m, "lora_A")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of peft, whose default init is another
+        refs = [LoRALinearLayer(m.in_features, m.out_features, rank=4) for m in layers]
+    for m, ref in zip(layers, refs):
+        assert m.lora_A.weight.shape == ref.down.weight.shape and m.lora_B.weight.shape == ref.up.weight.shape
+        assert torch.equal(m.lora_B.weight, ref.up.weight)  # zero: the fine-tuned model starts at the base
+    ours, theirs = (torch.cat([w.flatten() for w in ws]) for ws in ([m.lora_A.weight for m in layers],
+                                                                     [r.down.weight for r in refs]))
+    assert len(ours) > 4000  # each standard deviation below is then within about 1% of the truth (one sigma)
+    assert abs(ours.std() / theirs.std() - 1) < 0.05 and abs(ours.mean()) < 0.05 * theirs.std()
+
+
+def test_checkpoints_keep_the_newest_and_resume_gives_back_the_optimizer_and_rng(tmp_path, tiny_model_dir):
+    """save_checkpoint keeps the newest `keep` step_N folders and is not stopped by a killed save's temp folder;
+    run_state reads the newest; resume() gives back torch's own optimizer state_dict and RNG state as they were when
+    saved."""
+    import copy
+    from nanoddpo.checkpoint import checkpoints_of, resume, run_state, save_checkpoint
+
+    def adam(sd):
+        params = list(sd.unet.conv_out.parameters())
+        return params, torch.optim.AdamW([p.requires_grad_(True) for p in params], lr=1e-3)
+
+    sd = StableDiffusion.from_pretrained(tiny_model_dir)
+    params, optimizer = adam(sd)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".tmp_step_5").mkdir(parents=True)  # left by a save killed half way through
+    (run_dir / "checkpoints" / ".tmp_step_5" / "unet.safetensors").write_bytes(b"half")
+    torch.manual_seed(0)
+    for step in range(1, 6):
+        sd.unet.conv_out(torch.randn(1, 32, 8, 8)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        saved, rng = copy.deepcopy(optimizer.state_dict()), torch.get_rng_state()
+        save_checkpoint(run_dir, sd, False, optimizer, {"global_step": step, "epoch": step, "settings": {"lora": False}},
+                        keep=3)
+    assert [c.name for c in checkpoints_of(run_dir)] == ["step_3", "step_4", "step_5"]
+    state, ckpt = run_state(run_dir)
+    assert state["epoch"] == 5 and ckpt.name == "step_5"
+
+    fresh = StableDiffusion.from_pretrained(tiny_model_dir)
+    _, restored = adam(fresh)
+    torch.manual_seed(123)  # moves the RNG away from the saved state
+    resume(ckpt, fresh, restored)
+    assert torch.equal(torch.get_rng_state(), rng)
+    got = restored.state_dict()
+    assert got["state"].keys() == saved["state"].keys()
+    for i, moments in saved["state"].items():
+        assert moments.keys() == got["state"][i].keys() and all(torch.equal(v, got["state"][i][k]) for k, v in moments.items())
+    for group, saved_group in zip(got["param_groups"], saved["param_groups"]):
+        assert {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()} == \
+               {k: list(v) if isinstance(v, tuple) else v for k, v in saved_group.items()}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), sd.unet.state_dict().values()))
+
+
+def test_resume_forgets_the_metrics_of_the_epochs_it_reruns(tmp_path):
+    """A run killed after logging epochs 0-2 but checkpointed after 1 epoch (state.json: epoch 1) reruns epochs 1 and
+    2: their lines go, so that each epoch is logged once."""
+    from nanoddpo.checkpoint import forget_after
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"epoch": e, "reward_mean": e / 10}) + "\n" for e in range(3)))
+    forget_after(metrics, 1)
+    assert [json.loads(line) for line in metrics.read_text().splitlines()] == [{"epoch": 0, "reward_mean": 0.0}]
+
+
+def collectives_worker(rank, world, port, out):
+    import os
+    from nanoddpo.distributed import Ranks
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ranks = Ranks()
+    # rank r's rewards of batch b, image i are 100 b + 10 r + i: 2 batches of 3 images on each rank
+    local = torch.tensor([100 * b + 10 * rank + i for b in range(2) for i in range(3)], dtype=torch.float32)
+    gathered = ranks.gather(local, batches=2)
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.full((2,), float(rank + 1))
+    ranks.average_gradients([p])
+    torch.save({"gathered": torch.as_tensor(gathered), "grad": p.grad}, f"{out}/rank{rank}.pt")
+    ranks.close()
+
+
+def test_gather_is_in_batch_rank_image_order_and_gradients_are_averaged(tmp_path):
+    """Every rank draws the whole epoch's prompts in the order (batch, rank, image) and takes its slice (Ranks.mine):
+    the gathered rewards must come back in that order, with more than one batch per epoch. Gradients are the mean
+    over ranks: ranks holding 1 and 2 get 1.5."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(collectives_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    expected = [100 * b + 10 * r + i for b in range(2) for r in range(2) for i in range(3)]
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["gathered"].tolist() == expected
+        assert result["grad"].tolist() == [1.5, 1.5]
