@@ -129,7 +129,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "_, log_prob = ddim.step(eps, t, x_t, eta=s.eta, x_prev=x_prev)",
   "_, log_prob = ddim.step(eps, t, x_t, eta=1.0, x_prev=x_prev)"),
  ("train.py", "if n % micro == 0:", "if n % d.grad_accum == 0:"),
- ("train.py",
+ ("nanoddpo/settings.py",
   "timesteps=max(1, int(s.num_steps * s.timestep_fraction))",
   "timesteps=max(1, int(s.num_steps * s.timestep_fraction) - 1)"),
  ("train.py",
