@@ -18,13 +18,13 @@ policy is one stochastic DDIM step: a Gaussian whose mean comes from the UNet's 
    - --kl-coef c adds c * KL(policy step || base model step) at every trained step (DPOK, Fan et al. 2023): a leash
      against over-optimization. Every epoch logs that KL (kl_to_base) whether or not it is penalised.
    - RWR (reward-weighted regression, --algo rwr, rwr-sparse) is the paper's maximum-likelihood baseline: the denoising
-     loss of the guided eps on the final latents, weighted by softmax(beta * reward) (or 1 for the top 10%, 0 for the rest). It never uses the per-step
-     log-probs, only the variational bound, and the paper shows DDPO beating it.
+     loss of the guided eps on the final latents, weighted by softmax(beta * reward) (or 1 for the top 10%, 0 for the
+     rest). It never uses the per-step log-probs, only the variational bound, and the paper shows DDPO beating it.
 
     python train.py --reward jpeg                            # the bundled tiny model, CPU, a few minutes
     python train.py --preset sd14 --reward aesthetic         # SD v1-4 + LoRA, one GPU
     python train.py --resume runs/<name>                     # continue a run where it stopped
-    torchrun --nproc_per_node=8 train.py --preset sd14 --batches-per-epoch 2 --grad-accum 1  # 8 GPUs: 256 samples, 4 steps
+    torchrun --nproc_per_node=8 train.py --preset sd14 --batches-per-epoch 2 --grad-accum 1  # 8 GPUs, 256 samples
 """
 import copy
 import dataclasses
@@ -60,10 +60,10 @@ from nanoddpo.world import checker_for
 @dataclass
 class Settings:
     preset: str = "tiny"          # tiny (bundled model, CPU) | sd14 (SD v1-4 + LoRA, one GPU); other flags override it
-    model: str = ""               # model folder or .safetensors file; "" = the preset's: weights/tiny, weights/stable-diffusion-v1-4
+    model: str = ""               # folder or .safetensors file; "" = the preset's in weights/: tiny, stable-diffusion-v1-4
     reward: str = "jpeg"          # jpeg | jpeg-incompressibility | aesthetic | alignment | tinyworld | path/to/file.py:fn
     algo: str = "ppo"             # ppo (DDPO_IS, clipped importance sampling) | reinforce (DDPO_SF) | rwr | rwr-sparse
-    prompts: str = ""             # a set in nanoddpo/prompts.py or a .txt/.json file; "" = sd14: the task's set, else the model's prompts.json
+    prompts: str = ""             # a set in nanoddpo/prompts.py, a .txt/.json; "" = sd14: the task's, else the model's
     epochs: int = 100             # >= 1
     seed: int = 0                 # >= 0; everything random in a run derives from it
     name: str = ""                # run folder <out_dir>/<name>; "" = <reward>-<algo>-<time>
@@ -312,7 +312,8 @@ def main(s, resume_ckpt=None):
     ranks.log(f"run: {run_dir}  device: {device} x {ranks.world}  precision: {precision}  compile: {use_compile}  "
               f"algo: {s.algo}  reward: {s.reward}  prompts: {len(prompts)} from {why}")
     ranks.log(f"samples/epoch: {d.samples_per_epoch}  optimizer steps/epoch: {d.steps_per_epoch}  timesteps trained/"
-              f"sample: {d.timesteps} of {s.num_steps}  samples/optimizer step: {s.train_batch_size * d.grad_accum * ranks.world}")
+              f"sample: {d.timesteps_trained} of {s.num_steps}  samples/optimizer step: "
+              f"{s.train_batch_size * d.grad_accum * ranks.world}")
 
     # --- model, trainable weights, optimizer ------------------------------------------------------------------------
     torch.manual_seed(s.seed)  # the same LoRA init on every rank
@@ -392,7 +393,7 @@ def main(s, resume_ckpt=None):
         # --- 3. train on the stored steps ----------------------------------------------------------------------------
         t0 = time.time()
         stats = torch.zeros(3, device=device)  # running sums of loss, approx_kl, clipfrac: read once per epoch
-        micro = d.grad_accum * d.timesteps  # (batch, timestep) pairs averaged into one optimizer step
+        micro = d.grad_accum * d.timesteps_trained  # (batch, timestep) pairs averaged into one optimizer step
         bar = tqdm(total=d.train_batches * d.inner_epochs, desc=f"epoch {epoch} training", leave=False,
                    disable=ranks.rank > 0)
         for _ in range(d.inner_epochs):
@@ -400,14 +401,14 @@ def main(s, resume_ckpt=None):
             # Each sample trains its own random subset and order of steps, so a micro-batch mixes timesteps.
             perms = torch.stack([torch.randperm(s.num_steps, generator=gen) for _ in range(d.samples_per_epoch)])
             perms = ranks.mine(perms.view(s.batches_per_epoch, ranks.world, s.batch_size, -1)).to(device)
-            pairs = itertools.product(range(0, d.local_samples, s.train_batch_size), range(d.timesteps))
+            pairs = itertools.product(range(0, d.local_samples, s.train_batch_size), range(d.timesteps_trained))
             for n, (i, j) in enumerate(pairs, start=1):
                 rows = order[i : i + s.train_batch_size]
                 with autocast:
                     loss, approx_kl, clipfrac = step_loss(s, unet, base_unet, ddim, e, rows, perms[rows, j], gen)
                 scaler.scale(loss / micro).backward()  # one optimizer step averages over its batches and timesteps
                 stats += torch.stack([loss.detach(), approx_kl, clipfrac])
-                bar.update(j == d.timesteps - 1)
+                bar.update(j == d.timesteps_trained - 1)
                 if n % micro == 0:
                     ranks.average_gradients(params)
                     scaler.unscale_(optimizer)
@@ -424,7 +425,7 @@ def main(s, resume_ckpt=None):
 
         # --- log, show, save (rank 0 only, and nothing in here waits for the other ranks) -------------------------
         if ranks.rank == 0:
-            loss, approx_kl, clipfrac = (stats / (d.train_batches * d.inner_epochs * d.timesteps)).tolist()
+            loss, approx_kl, clipfrac = (stats / (d.train_batches * d.inner_epochs * d.timesteps_trained)).tolist()
             ok = rewards[np.isfinite(rewards)]
             m = dict(epoch=epoch, global_step=global_step, reward_mean=float(ok.mean()), reward_std=float(ok.std()),
                      loss=loss, approx_kl=approx_kl, clipfrac=clipfrac, kl_to_base=kl, samples=len(ok),
@@ -435,7 +436,7 @@ def main(s, resume_ckpt=None):
             if cuda:
                 m["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 m["mfu"] = mfu(image_flops(sd), image_flops(sd, train=True), s.num_steps, d.local_samples,
-                               d.timesteps * d.inner_epochs, t_sample + t_train)
+                               d.timesteps_trained * d.inner_epochs, t_sample + t_train)
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
             write_answers(reward_fn, run_dir / "answers.jsonl", epoch)  # what LLaVA said, for the alignment reward

@@ -77,7 +77,8 @@ def check_settings(s, world=1):
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
     d = derived(s, world)
     need(d.samples_per_epoch <= 10**6, "batch_size", f"{d.samples_per_epoch} samples per epoch (x --batches-per-epoch "
-         f"{s.batches_per_epoch} x {world} process(es)): an epoch keeps every trajectory for training; at most 1,000,000")
+         f"{s.batches_per_epoch} x {world} process(es)): an epoch keeps every trajectory for training; at most "
+         f"1,000,000")
     need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
          f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
     fits = max(k for k in range(1, min(d.grad_accum, d.train_batches) + 1) if d.train_batches % k == 0)  # below it
@@ -98,7 +99,7 @@ def derived(s, world):
     grad_accum, inner = (train_batches, 1) if s.algo == "reinforce" else (s.grad_accum, s.num_inner_epochs)
     return SimpleNamespace(local_samples=local_samples, samples_per_epoch=local_samples * world,
                            train_batches=train_batches, grad_accum=grad_accum, inner_epochs=inner,
-                           timesteps=max(1, int(s.num_steps * s.timestep_fraction)),
+                           timesteps_trained=max(1, int(s.num_steps * s.timestep_fraction)),
                            steps_per_epoch=max(1, train_batches // grad_accum) * inner)
 
 

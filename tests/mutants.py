@@ -130,8 +130,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "_, log_prob = ddim.step(eps, t, x_t, eta=1.0, x_prev=x_prev)"),
  ("train.py", "if n % micro == 0:", "if n % d.grad_accum == 0:"),
  ("nanoddpo/settings.py",
-  "timesteps=max(1, int(s.num_steps * s.timestep_fraction))",
-  "timesteps=max(1, int(s.num_steps * s.timestep_fraction) - 1)"),
+  "timesteps_trained=max(1, int(s.num_steps * s.timestep_fraction))",
+  "timesteps_trained=max(1, int(s.num_steps * s.timestep_fraction) - 1)"),
  ("train.py",
   "eps = guided_eps(unet, x_t, t, e.context[rows], e.negative_context, s.guidance_scale)\n    _, log_prob",
   "eps = guided_eps(unet, x_t, t, e.context[rows], e.negative_context, 1.0)\n    _, log_prob"),
@@ -174,7 +174,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", "dtype=dtype if lora else torch.float32)", "dtype=dtype)"),
  ("train.py", "m.to(dtype) if isinstance(m, (nn.Conv2d, nn.Linear)) else None", "m.to(dtype)"),
  # found by an audit against the authors' code (2026-11-26, seventh session): each was missed before its test
- ("train.py", "micro = d.grad_accum * d.timesteps", "micro = d.grad_accum * s.num_steps"),
+ ("train.py", "micro = d.grad_accum * d.timesteps_trained", "micro = d.grad_accum * s.num_steps"),
  ("train.py", "order = torch.randperm(d.local_samples, generator=gen).to(device)",
   "order = torch.arange(d.local_samples).to(device)"),
  ("train.py", "for _ in range(d.inner_epochs):", "for _ in range(s.num_inner_epochs):"),
@@ -287,6 +287,10 @@ def main(indices):
             (copy / path).write_text(text.replace(old, new))
             result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                      *TESTS.get(path, DEFAULT_TESTS)], cwd=copy, capture_output=True, text=True)
+        if result.returncode in (4, 5):  # pytest found no such test, or none: a renamed test in TESTS, not a catch
+            print(f"M{i}: the tests named for {path} were not found: update TESTS\n{result.stdout[-300:]}", flush=True)
+            missed.append(i)
+            continue
         failed = next((line[7:] for line in result.stdout.splitlines() if line.startswith("FAILED ")), "")
         print(f"M{i}: {'caught' if result.returncode else 'MISSED'}  {path}: {new.strip()[:70]!r}  {failed[:80]}",
               flush=True)

@@ -702,7 +702,7 @@ def test_defaults_are_the_authors():
     s, _ = train.parse_settings(["--preset", "sd14", "--reward", "jpeg"])
     assert {k: getattr(s, k) for k in authors} == authors
     d = train.derived(s, 1)  # 256 samples per epoch, 4 optimizer steps, every one of the 50 steps trained
-    assert (d.samples_per_epoch, d.steps_per_epoch, d.timesteps, s.epochs) == (256, 4, 50, 100)
+    assert (d.samples_per_epoch, d.steps_per_epoch, d.timesteps_trained, s.epochs) == (256, 4, 50, 100)
 
 
 def test_sd14_follows_the_papers_task_settings():
