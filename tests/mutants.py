@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = {  # which tests guard which file
-    "nanoddpo/ddim.py": ["tests/test_2_ddim.py", "tests/test_3_train.py"],
+    "nanoddpo/ddim.py": ["tests/test_2_ddim.py", "tests/test_3_train.py", "tests/test_3_train_trl.py"],
     "nanoddpo/rewards.py": ["tests/test_4_rewards.py"],
     "nanoddpo/model.py": ["tests/test_1_model.py"],
     "nanoddpo/cpu_layers.py": ["tests/test_1_model.py"],
@@ -44,7 +44,7 @@ TESTS = {  # which tests guard which file
     "nanoddpo/distributed.py": [f"tests/test_3_train.py::test_{name}" for name in (
         "gather_is_in_batch_rank_image_order_and_gradients_are_averaged", "two_processes_train_as_one")],
 }
-DEFAULT_TESTS = ["tests/test_3_train.py"]
+DEFAULT_TESTS = ["tests/test_3_train.py", "tests/test_3_train_trl.py"]
 
 MUTANTS = [  # (file, original text, mutated text); the original must occur exactly once
  ("nanoddpo/ddim.py", "num_train_steps, dtype=torch.float64) ** 2", "num_train_steps, dtype=torch.float64) ** 1"),
