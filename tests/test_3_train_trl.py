@@ -46,6 +46,30 @@ def trl_trajectory(sd):
                            timesteps=pipe.scheduler.timesteps, scheduler=pipe.scheduler)
 
 
+class TrlUNet(torch.nn.Module):
+    """Our UNet behind the diffusers-style call trl makes (`.sample`): both sides share it; only the RL maths differ."""
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, c):
+        return SimpleNamespace(sample=self.unet(x, t, c))
+
+
+def trl_trainer_for(s, unet, scheduler, **more):
+    """What DDPOTrainer's calculate_loss (and, with `more`, _train_batched_samples) read of `self`: its config from our
+    settings `s`, the pipeline's UNet and its scheduler step, with guidance against the negative prompt (train_cfg)."""
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(train_cfg=True, sample_guidance_scale=s.guidance_scale, sample_eta=s.eta,
+                               train_adv_clip_max=s.adv_clip_max, train_clip_range=s.clip_range,
+                               train_max_grad_norm=s.max_grad_norm),
+        autocast=nullcontext, sd_pipeline=SimpleNamespace(
+            unet=TrlUNet(unet), scheduler_step=lambda *a, **k: trl_sd.scheduler_step(scheduler, *a, **k)), **more)
+    trainer.loss = lambda *a: trl_trainer.DDPOTrainer.loss(trainer, *a)
+    trainer.calculate_loss = lambda *a: trl_trainer.DDPOTrainer.calculate_loss(trainer, *a)
+    return trainer
+
+
 def test_defaults_are_trls_where_trl_follows_the_paper():
     trl = trl_trainer.DDPOConfig()
     ours = train.Settings()
@@ -123,19 +147,10 @@ def test_loss_approx_kl_clipfrac_and_gradient_are_trls(sd, trl_trajectory):
     loss, approx_kl, clipfrac = train.ddpo_step_loss(s, sd.unet, None, ddim, e, rows, steps, None)
     ours = (loss.detach(), approx_kl, clipfrac, gradient(loss))
 
-    # trl's trainer with what calculate_loss reads: its config, the pipeline's UNet (ours, so that only the RL maths
-    # differ) and its scheduler step; guidance against the negative prompt's embedding, as train_cfg does.
-    trainer = SimpleNamespace(
-        config=SimpleNamespace(train_cfg=True, sample_guidance_scale=5.0, sample_eta=1.0, train_adv_clip_max=5.0,
-                               train_clip_range=1e-4),
-        autocast=nullcontext,
-        sd_pipeline=SimpleNamespace(unet=lambda x, t, c: SimpleNamespace(sample=sd.unet(x, t, c)),
-                                    scheduler_step=lambda *a, **k: trl_sd.scheduler_step(traj.scheduler, *a, **k)))
-    trainer.loss = lambda *a: trl_trainer.DDPOTrainer.loss(trainer, *a)
     embeds = torch.cat([negative.expand(len(rows), -1, -1), context])
-    loss, approx_kl, clipfrac = trl_trainer.DDPOTrainer.calculate_loss(
-        trainer, traj.latents[rows, steps], traj.timesteps[steps], traj.latents[rows, steps + 1], old[rows, steps],
-        advantages, embeds)
+    loss, approx_kl, clipfrac = trl_trainer_for(s, sd.unet, traj.scheduler).calculate_loss(
+        traj.latents[rows, steps], traj.timesteps[steps], traj.latents[rows, steps + 1], old[rows, steps], advantages,
+        embeds)
     theirs = (loss.detach(), approx_kl, clipfrac, gradient(loss))
     sd.unet.requires_grad_(False)
 
@@ -153,10 +168,10 @@ def test_an_epoch_of_updates_is_trls(tmp_path, tiny_model_dir, monkeypatch, max_
     """train.py's loop against trl's: the stored steps train.py trained on, in its order (each sample its own shuffled
     timesteps), handed to trl's _train_batched_samples, whose accelerate Accelerator accumulates over batches and
     timesteps, clips the gradient norm and steps AdamW. 8 samples, train batches of 2 accumulated 2 at a time, 2 of each
-    sample's 4 steps trained: two optimizer steps, the first at ratio 1, the second with every ratio outside the clip range; the gradient
-    clipped (which hides the loss's scale) or not (which shows it). AdamW runs with eps 1, where its step is about
-    lr * gradient: at eps 1e-8 it is about lr * sign(gradient), and one weight whose gradient is float32 noise around
-    0 moves by 2 lr the other way, which says nothing about the loop."""
+    sample's 4 steps trained: two optimizer steps, the first at ratio 1, the second with every ratio outside the clip
+    range; the gradient clipped (which hides the loss's scale) or not (which shows it). AdamW runs with eps 1, where its
+    step is about lr * gradient: at eps 1e-8 it is about lr * sign(gradient), and one weight whose gradient is float32
+    noise around 0 moves by 2 lr the other way, which says nothing about the loop."""
     accelerate = pytest.importorskip("accelerate")
     calls, real = [], train.ddpo_step_loss
     def recording(s, unet, base_unet, ddim, e, rows, step, gen):
@@ -181,30 +196,16 @@ def test_an_epoch_of_updates_is_trls(tmp_path, tiny_model_dir, monkeypatch, max_
                             advantages=e.advantages[rows], prompt_embeds=e.context[rows],
                             negative_prompt_embeds=e.negative_context.expand(len(rows), -1, -1)))
 
-    class Pipeline(torch.nn.Module):  # the diffusers-style UNet call trl makes: .sample
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-        def forward(self, x, t, c):
-            return SimpleNamespace(sample=self.unet(x, t, c))
-
     theirs = StableDiffusion.from_pretrained(tiny_model_dir).unet.requires_grad_(True)
     scheduler = diffusers_pipeline(StableDiffusion.from_pretrained(tiny_model_dir)).scheduler
     scheduler.set_timesteps(s.num_steps)
     try:
         accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=s.grad_accum * T)
         optimizer = accelerator.prepare(torch.optim.AdamW(
-            theirs.parameters(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay, eps=s.adam_eps))
-        trainer = SimpleNamespace(
-            config=SimpleNamespace(train_cfg=True, sample_guidance_scale=s.guidance_scale, sample_eta=s.eta,
-                                   train_adv_clip_max=s.adv_clip_max, train_clip_range=s.clip_range,
-                                   train_max_grad_norm=s.max_grad_norm),
-            accelerator=accelerator, optimizer=optimizer, num_train_timesteps=T, autocast=nullcontext,
-            trainable_layers=list(theirs.parameters()),
-            sd_pipeline=SimpleNamespace(unet=Pipeline(theirs), scheduler_step=lambda *a, **k: trl_sd.scheduler_step(
-                scheduler, *a, **k)))
-        trainer.loss = lambda *a: trl_trainer.DDPOTrainer.loss(trainer, *a)
-        trainer.calculate_loss = lambda *a: trl_trainer.DDPOTrainer.calculate_loss(trainer, *a)
+            theirs.parameters(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay,
+            eps=s.adam_eps))
+        trainer = trl_trainer_for(s, theirs, scheduler, accelerator=accelerator, optimizer=optimizer,
+                                  num_train_timesteps=T, trainable_layers=list(theirs.parameters()))
         assert trl_trainer.DDPOTrainer._train_batched_samples(trainer, 0, 0, 0, batches) == 2  # optimizer steps
     finally:
         accelerate.state.AcceleratorState._reset_state(True)
