@@ -21,7 +21,7 @@ import torch
 import train
 from nanoddpo.ddim import DDIM, log_prob_of_step
 from nanoddpo.model import StableDiffusion
-from test_2_ddim import diffusers_pipeline
+from test_2_ddim import diffusers_ddim, diffusers_pipeline
 
 trl_sd = pytest.importorskip("trl.models.modeling_sd_base")
 trl_trainer = pytest.importorskip("trl.trainer.ddpo_trainer")
@@ -38,7 +38,6 @@ def sd(tiny_model_dir):
 def trl_trajectory(sd):
     """What trl's sampler records for PROMPTS: latents (B, T+1, C, h, w), log-probs (B, T) and the scheduler it used."""
     pipe = diffusers_pipeline(sd)
-    pipe.scheduler.set_timesteps(STEPS)
     with torch.no_grad():
         out = trl_sd.pipeline_step(pipe, PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, eta=1.0,
                                    generator=torch.Generator().manual_seed(0), output_type="pt")
@@ -197,8 +196,8 @@ def test_an_epoch_of_updates_is_trls(tmp_path, tiny_model_dir, monkeypatch, max_
                             negative_prompt_embeds=e.negative_context.expand(len(rows), -1, -1)))
 
     theirs = StableDiffusion.from_pretrained(tiny_model_dir).unet.requires_grad_(True)
-    scheduler = diffusers_pipeline(StableDiffusion.from_pretrained(tiny_model_dir)).scheduler
-    scheduler.set_timesteps(s.num_steps)
+    base = {k: v.clone() for k, v in theirs.state_dict().items()}
+    scheduler = diffusers_ddim(s.num_steps)
     try:
         accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=s.grad_accum * T)
         optimizer = accelerator.prepare(torch.optim.AdamW(
@@ -211,7 +210,6 @@ def test_an_epoch_of_updates_is_trls(tmp_path, tiny_model_dir, monkeypatch, max_
         accelerate.state.AcceleratorState._reset_state(True)
         accelerate.state.GradientState._reset_state()
 
-    base = StableDiffusion.from_pretrained(tiny_model_dir).unet.state_dict()
     ours, theirs = ours.state_dict(), theirs.state_dict()
     moved_ours = torch.cat([(ours[k] - base[k]).flatten() for k in base])
     moved_theirs = torch.cat([(theirs[k] - base[k]).flatten() for k in base])
