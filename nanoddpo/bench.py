@@ -86,6 +86,10 @@ def parse_args(argv=None):
                    help="comma list of what to time: sample, full (fine-tuning), lora, epoch (miniature, LoRA)")
     p.add_argument("--lora-rank", type=whole, default=4)
     p.add_argument("--no-baseline", action="store_true", help="skip diffusers' UNet")
+    p.add_argument("--channels-last", action="store_true", help="both UNets' weights (and so their activations) in "
+                   "NHWC memory order, as cuDNN's convolutions run")
+    p.add_argument("--profile", action="store_true", help="after each of our timed calls, one more under torch's "
+                   "profiler: its time by kind of work (GPU kernels; CPU operators)")
     p.add_argument("--out-dir", default="runs/bench")
     a = p.parse_args(argv)
     # bad input in one line before anything is built; the lists of names are checked by fill_defaults
@@ -356,8 +360,41 @@ class Table:
         return row
 
 
+# Profiled names (GPU kernels or CPU operators, lower case) by kind of work; the first kind that matches wins, so
+# inductor's fused pointwise kernels (triton_poi_fused_convolution_...: a conv's bias add) count as pointwise.
+KINDS = (("NCHW<->NHWC copies", ("nchwtonhwc", "nhwctonchw")),
+         ("norm & pointwise", ("triton_poi", "triton_red", "triton_per", "norm", "elementwise", "reduce", "silu",
+                               "gelu")),
+         ("attention", ("attention", "flash", "fmha", "sdpa")),
+         ("conv", ("conv", "implicit_gemm", "dgrad", "wgrad")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "triton_tem", "matmul", "aten::mm", "addmm", "bmm", "linear")))
+
+
+def kind_of(name):
+    return next((kind for kind, names in KINDS if any(n in name.lower() for n in names)), "other")
+
+
+def time_by_kind(fn, device):
+    """Where one call's time goes: milliseconds by kind of work (KINDS, else "other"), largest first. On a GPU the
+    kernels' time; on a CPU each operator's own time, under the profiler's overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    ms = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            ms[kind_of(e.key)] = ms.get(kind_of(e.key), 0.0) + us / 1000
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+
+
 def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops=None):
-    """Time ours and the baseline; a side that fails is reported on the row and the bench goes on."""
+    """Time ours and the baseline; a side that fails is reported on the row and the bench goes on. With --profile,
+    our call's time by kind of work is printed under the row and kept in it (ms_by_kind)."""
     results, errors = [], []
     for fn in (ours_fn, base_fn):
         if fn is None:
@@ -371,12 +408,21 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     (t_ours, m_ours), (t_base, m_base) = results
-    return table.add(what, variant, "s", t_ours, t_base, (m_ours, m_base), flops, "; ".join(errors) or None)
+    row = table.add(what, variant, "s", t_ours, t_base, (m_ours, m_base), flops, "; ".join(errors) or None)
+    if a.profile and t_ours is not None:
+        row["ms_by_kind"] = ms = time_by_kind(ours_fn(), device)
+        total = sum(ms.values())
+        print(f"    {'':<38} ours, by kind: " + ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in ms.items()))
+    return row
 
 
 def run(a, device, heap):
     cuda = device.type == "cuda"
     sd, base, base_note = build_models(a, device)
+    if a.channels_last:  # new weight tensors: the two UNets stop sharing them (conv weights are 0.4 GB in fp32)
+        for unet in (sd.unet, base):
+            if unet is not None:
+                unet.to(memory_format=torch.channels_last)
     print(f"device: {torch.cuda.get_device_name(device) if cuda else 'CPU'} ({torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: other processes slow a CPU bench)  "
           f"torch {torch.__version__}  model: {a.model or 'SD v1-4 at full size, random weights'}"
@@ -406,7 +452,7 @@ def run(a, device, heap):
 
     # 1. No LoRA: sampling, and full fine-tuning of every UNet weight, without and with activation checkpointing.
     for precision, mode in variants if {"sample", "full"} & set(a.parts) else []:
-        v = f"{precision}/{mode}"
+        v = f"{precision}/{mode}{'/NHWC' if a.channels_last else ''}"
         try:
             autocast, ours, baseline = callables(precision, mode)
         except Exception as e:  # e.g. an unknown compile mode: say why, go on with the next variant
@@ -464,7 +510,7 @@ def run(a, device, heap):
             print("baseline LoRA: skipped, peft is not installed")
             base = None
     for k, (precision, mode) in enumerate(variants):
-        v = f"{precision}/{mode}"
+        v = f"{precision}/{mode}{'/NHWC' if a.channels_last else ''}"
         try:
             autocast, ours, baseline = callables(precision, mode)
         except Exception as e:

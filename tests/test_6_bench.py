@@ -135,6 +135,35 @@ def test_parts_time_only_what_is_asked(tiny_model_dir, tmp_path):
     assert [row["what"] for row in record["rows"]] == ["sample: guided eps, UNet batch 2", "train LoRA r4: fwd+bwd, UNet batch 2"]
 
 
+def test_profile_splits_our_calls_by_kind_of_work_in_channels_last(tiny_model_dir, tmp_path):
+    a = bench.parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--precisions", "fp32", "--repeats", "1",
+                          "--latent", "8", "--parts", "sample,lora", "--no-baseline", "--profile", "--channels-last"])
+    rows, sd = bench.run(bench.fill_defaults(a, cuda=False), torch.device("cpu"), heap=None)
+    convs = [m.weight for m in sd.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert [row["variant"] for row in rows] == ["fp32/eager/NHWC"] * 2
+    for row in rows:  # the UNet's three kinds of heavy work are all found, largest first
+        kinds = row["ms_by_kind"]
+        assert {"conv", "matmul", "attention", "norm & pointwise"} <= set(kinds) and min(kinds.values()) > 0
+        assert list(kinds.values()) == sorted(kinds.values(), reverse=True)
+
+
+@pytest.mark.parametrize("name, kind", [  # kernels from an H200's profile of the compiled LoRA training call (bf16)
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1", "attention"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float>", "NCHW<->NHWC copies"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize256x128x64", "conv"),
+    ("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_128x256_32x3_nn_align2>", "matmul"),
+    ("triton_poi_fused_cat_gelu_gelu_backward_mul_split_view_5", "norm & pointwise"),
+    ("triton_poi_fused_convolution_0", "norm & pointwise"),  # a conv's bias add, fused by inductor
+    ("triton_red_fused__to_copy_add_native_layer_norm_backward_view_12", "norm & pointwise"),
+    ("aten::mkldnn_convolution", "conv"), ("aten::addmm", "matmul"),  # CPU operators
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::empty_strided", "other"),
+])
+def test_profiled_names_by_kind_of_work(name, kind):
+    assert bench.kind_of(name) == kind
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
     (["--precisions", "fp8"], "unknown precision 'fp8'"),
