@@ -3,14 +3,13 @@
 #
 #   OUT=runs/gpu bash docs/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
 #
-# In order of what is still unknown (docs/RESULTS.md, "The third lent H200"):
-# 1. train.py with inductor's CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1) and torch.compiler.cudagraph_mark_step_begin()
-#    before each call of the compiled UNet, patched in from outside: without it, torch 2.11 stopped in the first backward
-#    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run");
-# 2. train.py at train batch 16 (sampling batch 16), to its steady state: the last GPU ran out of time in epoch 1.
-# Both use the sd14 defaults otherwise (bf16, compiled, 50 steps, every step trained) on one batch of 16 per epoch, so
-# --grad-accum 2 (or 1 at train batch 16) replaces the preset's 8; epoch 0 compiles (about 3 minutes), epochs 1-2 are
-# the throughput (3,726-3,770 trajectories/hour at train batch 8 before).
+# In order of what is still unknown (docs/RESULTS.md, "The fourth lent H200"): NHWC (channels_last) memory order for
+# the UNet. Compiled, the LoRA training call at UNet batch 32 spent 7% of its kernel time copying activations between
+# NCHW and NHWC around cuDNN's convolutions.
+# 1. the bench's sampling and LoRA training calls at train batch 16 in NHWC, with their time by kind of work;
+# 2. train.py at train batch 16 (the fastest so far: 3,962 trajectories/hour on an H200) with the UNet in NHWC, patched
+#    in from outside (no change to train.py): epoch 0 compiles (about 3.5 minutes), epochs 1-2 are the throughput;
+# 3. with time left, the bench's calls again in NCHW, the reference on the same card.
 # Each stage has its own time limit, so one slow stage cannot eat the other; logs and metrics land in $OUT.
 set -u
 OUT=${OUT:-runs/gpu}
@@ -36,19 +35,18 @@ print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1
 echo "folder written after $SECONDS s"
 
 ARGS="--preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 --batches-per-epoch 1 \
-    --epochs 3"
-# train.py with each call of the compiled UNet (sampling, KL metric, training) marked as a new step for CUDA graphs,
-# patched in from outside (no change to train.py): torch.compile is wrapped before train.py calls it
-MARKED="import sys, torch, train
+    --epochs 3 --train-batch-size 16 --grad-accum 1"
+BENCH="-m nanoddpo.bench --precisions bf16 --compile-modes default --parts sample,lora --batch 16 --train-batch 16 \
+    --no-baseline --repeats 5 --profile --out-dir $OUT"
+# train.py with its UNet in NHWC: torch.compile is wrapped before train.py calls it on the UNet
+NHWC="import sys, torch, train
 compile = torch.compile
-def marked(module, **kw):
-    compiled = compile(module, **kw)
-    return lambda *a: (torch.compiler.cudagraph_mark_step_begin(), compiled(*a))[1]
-torch.compile = marked
+torch.compile = lambda module, **kw: compile(module.to(memory_format=torch.channels_last), **kw)
 sys.argv[0] = 'train.py'; train.main(*train.parse_settings())"
-stage train_sd14_cudagraphs 270 env TORCHINDUCTOR_CUDAGRAPHS=1 python3 -c "$MARKED" $ARGS --grad-accum 2 --name cudagraphs
-stage train_sd14_tb16 270 python3 train.py $ARGS --train-batch-size 16 --grad-accum 1 --name tb16
-for run in cudagraphs tb16; do
+stage bench_nhwc 210 python3 $BENCH --channels-last
+stage train_sd14_tb16_nhwc 270 python3 -c "$NHWC" $ARGS --name nhwc
+stage bench_nchw 210 python3 $BENCH
+for run in nhwc; do
     cp "/tmp/runs/$run/metrics.jsonl" "$OUT/metrics_$run.jsonl" 2> /dev/null && cat "$OUT/metrics_$run.jsonl"
 done
 echo "== done after $SECONDS s"
