@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random Stable Diffusion models in the published layout, built in seconds on CPU."""
-import json
 import os
 import runpy
 import sys

@@ -28,6 +28,8 @@ TESTS = {  # which tests guard which file
     "nanoddpo/prompts.py": ["tests/test_4_prompts.py"],
     "nanoddpo/single_file.py": ["tests/test_1_model_single_file.py"],
     "nanoddpo/export.py": ["tests/test_6_export.py"],
+    "nanoddpo/plot.py": ["tests/test_6_plot.py"],
+    "nanoddpo/bench.py": ["tests/test_6_bench.py"],
     "nanoddpo/world.py": ["tests/test_5_world.py"],
     "sample.py": ["tests/test_6_sample.py"],
     # The tests of these modules that do not need all of train.py's (a minute and a half): by name

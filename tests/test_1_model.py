@@ -1,7 +1,6 @@
 """The model stack (nanoddpo/model.py): tokenization, parity with the reference libraries, strict loading, bad files."""
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest

@@ -259,7 +259,7 @@ def test_unet_gradients_match_diffusers(sd):
     finally:
         for module in (sd.unet, ref):
             module.requires_grad_(False).zero_grad(set_to_none=True)
-    del ref
+    ref = None  # not del: the lambda above closes over it
     gc.collect()
 
 

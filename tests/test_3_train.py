@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import train
@@ -814,34 +813,6 @@ def test_two_processes_train_as_one(tmp_path, tiny_model_dir):
     assert update_ref.abs().max() > 1e-4
     # Equal up to float32 rounding of the weights themselves (an update of 1e-3 on a weight of 1 keeps ~4 digits).
     assert (update_ddp - update_ref).norm() / update_ref.norm() < 1e-4
-
-
-def test_plot_draws_one_curve_per_run(tmp_path):
-    from nanoddpo.plot import COLOURS, plot, read_curve
-    for name, rewards in (("a", [1.0, 2.0, 3.0]), ("b", [3.0, 2.0, 1.0])):
-        (tmp_path / name).mkdir()
-        lines = [json.dumps(dict(epoch=i, samples=64, reward_mean=r)) for i, r in enumerate(rewards)]
-        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    assert read_curve(tmp_path / "a") == ([64, 128, 192], [1.0, 2.0, 3.0])
-    img = plot({n: read_curve(tmp_path / n) for n in "ab"})
-    colours = {c for _, c in img.getcolors(1 << 20)}
-    for hexcode in COLOURS[:2]:
-        assert tuple(int(hexcode[i : i + 2], 16) for i in (1, 3, 5)) in colours
-
-
-def test_tradeoff_puts_each_checkpoint_at_its_paired_gain_and_loss(tmp_path):
-    from nanoddpo.plot import COLOURS
-    scores = {"jpeg": {"base": [-1.2, -1.3], "runs/a/checkpoints/step_1": [-1.1, -1.2], "runs/b/checkpoints/step_1": [-1.2, -1.3]},
-              "tinyworld": {"base": [1.0, 1.0], "runs/a/checkpoints/step_1": [1.0, 1.0], "runs/b/checkpoints/step_1": [0.5, 0.5]}}
-    (tmp_path / "scores.json").write_text(json.dumps(dict(scores=scores)))
-    subprocess.run([sys.executable, "-m", "nanoddpo.plot", "--tradeoff", str(tmp_path / "scores.json"), "--out",
-                    str(tmp_path / "t.png")], check=True, cwd=Path(__file__).parent.parent, capture_output=True)
-    img = Image.open(tmp_path / "t.png")
-    rgb = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in COLOURS[:2]]
-    # a gained 0.1 kB and lost nothing: bottom right; b gained nothing and lost 0.5: top left. The plot area is
-    # x 70..540, y 30..395 px, with 10% margins around the data range x 0..0.1, y 0..0.5.
-    assert img.getpixel((501, 365)) == rgb[0]
-    assert img.getpixel((109, 60)) == rgb[1]
 
 
 # --- LoRA's initialisation, checkpoints and the collectives, each checked on its own ---------------------------------
