@@ -3,19 +3,21 @@
 #
 #   OUT=runs/gpu bash docs/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
 #
-# In order of what is still unknown (docs/RESULTS.md, "The fourth lent H200"): NHWC (channels_last) memory order for
-# the UNet. Compiled, the LoRA training call at UNet batch 32 spent 7% of its kernel time copying activations between
-# NCHW and NHWC around cuDNN's convolutions.
-# 1. the bench's sampling and LoRA training calls at train batch 16 in NHWC, with their time by kind of work;
-# 2. train.py at train batch 16 (the fastest so far: 3,962 trajectories/hour on an H200) with the UNet in NHWC, patched
-#    in from outside (no change to train.py): epoch 0 compiles (about 3.5 minutes), epochs 1-2 are the throughput;
-# 3. with time left, the bench's calls again in NCHW, the reference on the same card.
+# In order of what is still unknown (docs/RESULTS.md, "The fourth lent H200"): the UNet's memory layout in training.
+# Compiled, the LoRA training call at UNet batch 32 spent 7% of its kernel time in cuDNN's copies between NCHW and NHWC
+# around its convolutions: inductor's layout heuristic leaves a training graph NCHW when a conv has twice as many input
+# channels as output channels (SD's up blocks, on their concatenated skips). train.py at train batch 16 (the fastest so
+# far: 3,962 trajectories/hour on an H200, epoch 1 of `--train-batch-size 16 --grad-accum 1`), two ways, each patched
+# in from outside (no change to train.py); epoch 0 compiles (about 3.5 minutes), epoch 1 is the throughput:
+# 1. inductor's layout optimisation forced on (TORCHINDUCTOR_FORCE_LAYOUT_OPT=1);
+# 2. the UNet's weights, and so its activations, in NHWC (channels_last) before torch.compile;
+# 3. with time left, where the training call's time goes both ways (docs/profile_lora_call.py).
 # Each stage has its own time limit, so one slow stage cannot eat the other; logs and metrics land in $OUT.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-DEADLINE=${DEADLINE:-570}  # seconds for the whole script
+DEADLINE=${DEADLINE:-565}  # seconds for the whole script
 stage() {  # stage NAME SECONDS COMMAND...: run with a limit that also respects the overall deadline
     local name=$1 limit=$2; shift 2
     local left=$((DEADLINE - SECONDS - 5))
@@ -35,18 +37,16 @@ print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1
 echo "folder written after $SECONDS s"
 
 ARGS="--preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 --batches-per-epoch 1 \
-    --epochs 3 --train-batch-size 16 --grad-accum 1"
-BENCH="-m nanoddpo.bench --precisions bf16 --compile-modes default --parts sample,lora --batch 16 --train-batch 16 \
-    --no-baseline --repeats 5 --profile --out-dir $OUT"
+    --epochs 2 --train-batch-size 16 --grad-accum 1"
 # train.py with its UNet in NHWC: torch.compile is wrapped before train.py calls it on the UNet
 NHWC="import sys, torch, train
 compile = torch.compile
 torch.compile = lambda module, **kw: compile(module.to(memory_format=torch.channels_last), **kw)
 sys.argv[0] = 'train.py'; train.main(*train.parse_settings())"
-stage bench_nhwc 210 python3 $BENCH --channels-last
-stage train_sd14_tb16_nhwc 270 python3 -c "$NHWC" $ARGS --name nhwc
-stage bench_nchw 210 python3 $BENCH
-for run in nhwc; do
+stage train_sd14_tb16_forced 265 env TORCHINDUCTOR_FORCE_LAYOUT_OPT=1 python3 train.py $ARGS --name forced
+stage train_sd14_tb16_nhwc 265 python3 -c "$NHWC" $ARGS --name nhwc
+stage profile 150 env PYTHONPATH=. OUT="$OUT" python3 docs/profile_lora_call.py 16 compiled-forced compiled-nhwc
+for run in forced nhwc; do
     cp "/tmp/runs/$run/metrics.jsonl" "$OUT/metrics_$run.jsonl" 2> /dev/null && cat "$OUT/metrics_$run.jsonl"
 done
 echo "== done after $SECONDS s"
