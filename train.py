@@ -121,8 +121,7 @@ PRESETS = {
                  stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4),
     # SD v1-4 with LoRA on one GPU: the paper's 256 samples per epoch and 4 optimizer steps per epoch via accumulation.
     # Batches of 16 and 8 rather than the authors' 8 and 4: the same updates, 1.21x the trajectories per hour on an H200
-    # (compiled), 12.3 GB peak; --batch-size 8 --batches-per-epoch 32 --train-batch-size 1 --grad-accum 64: 4.3 GB;
-    # --train-batch-size 16 --grad-accum 4: 5% faster again, 22.4 GB.
+    # (compiled), 12.3 GB peak; --batch-size 8 --batches-per-epoch 32 --train-batch-size 1 --grad-accum 64: 4.3 GB.
     "sd14": dict(num_steps=50, batch_size=16, batches_per_epoch=16, train_batch_size=8, grad_accum=8, epochs=100,
                  lora=True, lr=3e-4),
 }
