@@ -26,6 +26,7 @@ On CPU 16 x 16 latents (128 px), batch 1 (UNet batch 2), 2 trajectories of 4 DDI
     python -m nanoddpo.bench                                   # from the repo root
     python -m nanoddpo.bench --threads 2 --latent 24           # the CPU comparison of issue 13 (slower)
     python -m nanoddpo.bench --precisions bf16 --compile-modes eager,default,reduce-overhead,max-autotune  # on a GPU
+    python -m nanoddpo.bench --precisions bf16 --compile-modes default --parts lora --profile   # where its time goes
 """
 import json
 import os
