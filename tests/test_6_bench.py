@@ -148,6 +148,30 @@ def test_profile_splits_our_calls_by_kind_of_work_in_channels_last(tiny_model_di
         assert list(kinds.values()) == sorted(kinds.values(), reverse=True)
 
 
+def test_time_by_kind_adds_up_each_kind_in_milliseconds(monkeypatch):
+    """The profiler's own times (microseconds, one row per operator), summed per kind of work, largest first."""
+    rows = [("aten::mkldnn_convolution", 3000), ("aten::addmm", 1500), ("aten::convolution_backward", 2500),
+            ("aten::empty", 0), ("aten::native_group_norm", 250)]
+
+    class Profile:  # torch.profiler.profile as time_by_kind uses it, with known times
+        def __init__(self, activities):
+            assert activities == [torch.profiler.ProfilerActivity.CPU]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [types.SimpleNamespace(key=k, self_cpu_time_total=us, self_device_time_total=0) for k, us in rows]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    calls = []
+    ms = bench.time_by_kind(lambda: calls.append(1), torch.device("cpu"))
+    assert calls == [1] and list(ms.items()) == [("conv", 5.5), ("matmul", 1.5), ("norm & pointwise", 0.25)]
+
+
 @pytest.mark.parametrize("name, kind", [  # kernels from an H200's profile of the compiled LoRA training call (bf16)
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1", "attention"),
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float>", "NCHW<->NHWC copies"),
