@@ -420,7 +420,8 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
 def run(a, device, heap):
     cuda = device.type == "cuda"
     sd, base, base_note = build_models(a, device)
-    if a.channels_last:  # new weight tensors: the two UNets stop sharing them (conv weights are 0.4 GB in fp32)
+    nhwc = "/NHWC" if a.channels_last else ""  # in each variant's name
+    if a.channels_last:  # new conv weights: the two UNets stop sharing them (SD v1-4's are 2.2 GB in fp32)
         for unet in (sd.unet, base):
             if unet is not None:
                 unet.to(memory_format=torch.channels_last)
@@ -453,7 +454,7 @@ def run(a, device, heap):
 
     # 1. No LoRA: sampling, and full fine-tuning of every UNet weight, without and with activation checkpointing.
     for precision, mode in variants if {"sample", "full"} & set(a.parts) else []:
-        v = f"{precision}/{mode}{'/NHWC' if a.channels_last else ''}"
+        v = f"{precision}/{mode}{nhwc}"
         try:
             autocast, ours, baseline = callables(precision, mode)
         except Exception as e:  # e.g. an unknown compile mode: say why, go on with the next variant
@@ -511,7 +512,7 @@ def run(a, device, heap):
             print("baseline LoRA: skipped, peft is not installed")
             base = None
     for k, (precision, mode) in enumerate(variants):
-        v = f"{precision}/{mode}{'/NHWC' if a.channels_last else ''}"
+        v = f"{precision}/{mode}{nhwc}"
         try:
             autocast, ours, baseline = callables(precision, mode)
         except Exception as e:
