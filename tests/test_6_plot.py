@@ -5,8 +5,6 @@ line, exit code 1, instead of a traceback.
     python -m pytest -q tests/test_6_plot.py
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,13 +58,13 @@ def test_plot_draws_one_curve_per_run(tmp_path):
         assert tuple(int(hexcode[i : i + 2], 16) for i in (1, 3, 5)) in colours
 
 
-def test_tradeoff_puts_each_checkpoint_at_its_paired_gain_and_loss(tmp_path):
+def test_tradeoff_puts_each_checkpoint_at_its_paired_gain_and_loss(tmp_path, command_line):
     from nanoddpo.plot import COLOURS
     scores = {"jpeg": {"base": [-1.2, -1.3], "runs/a/checkpoints/step_1": [-1.1, -1.2], "runs/b/checkpoints/step_1": [-1.2, -1.3]},
               "tinyworld": {"base": [1.0, 1.0], "runs/a/checkpoints/step_1": [1.0, 1.0], "runs/b/checkpoints/step_1": [0.5, 0.5]}}
     (tmp_path / "scores.json").write_text(json.dumps(dict(scores=scores)))
-    subprocess.run([sys.executable, "-m", "nanoddpo.plot", "--tradeoff", str(tmp_path / "scores.json"), "--out",
-                    str(tmp_path / "t.png")], check=True, cwd=Path(__file__).parent.parent, capture_output=True)
+    status, err = command_line(PLOT, ["--tradeoff", tmp_path / "scores.json", "--out", tmp_path / "t.png"])
+    assert status == 0, err
     img = Image.open(tmp_path / "t.png")
     rgb = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in COLOURS[:2]]
     # a gained 0.1 kB and lost nothing: bottom right; b gained nothing and lost 0.5: top left. The plot area is
