@@ -376,8 +376,9 @@ def kind_of(name):
 
 
 def time_by_kind(fn, device):
-    """Where one call's time goes: milliseconds by kind of work (KINDS, else "other"), largest first. On a GPU the
-    kernels' time; on a CPU each operator's own time, under the profiler's overhead."""
+    """Where one call's time goes: (milliseconds by kind of work (KINDS, else "other"), largest first; the profile's
+    rows, one per kernel or operator). On a GPU the kernels' time; on a CPU each operator's own time, under the
+    profiler's overhead."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -385,12 +386,12 @@ def time_by_kind(fn, device):
         fn()
         if cuda:
             torch.cuda.synchronize()
-    ms = {}
-    for e in prof.key_averages():
+    ms, rows = {}, prof.key_averages()
+    for e in rows:
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if us > 0:
             ms[kind_of(e.key)] = ms.get(kind_of(e.key), 0.0) + us / 1000
-    return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1])), rows
 
 
 def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops=None):
@@ -411,7 +412,7 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
     (t_ours, m_ours), (t_base, m_base) = results
     row = table.add(what, variant, "s", t_ours, t_base, (m_ours, m_base), flops, "; ".join(errors) or None)
     if a.profile and t_ours is not None:
-        row["ms_by_kind"] = ms = time_by_kind(ours_fn(), device)
+        row["ms_by_kind"] = ms = time_by_kind(ours_fn(), device)[0]
         total = sum(ms.values())
         print(f"    {'':<38} ours, by kind: " + ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in ms.items()))
     return row

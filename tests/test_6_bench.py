@@ -148,14 +148,19 @@ def test_profile_splits_our_calls_by_kind_of_work_in_channels_last(tiny_model_di
         assert list(kinds.values()) == sorted(kinds.values(), reverse=True)
 
 
-def test_time_by_kind_adds_up_each_kind_in_milliseconds(monkeypatch):
-    """The profiler's own times (microseconds, one row per operator), summed per kind of work, largest first."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_time_by_kind_adds_up_each_kind_in_milliseconds(monkeypatch, device):
+    """The profiler's own times (microseconds, one row per operator or kernel), summed per kind of work, largest
+    first: on a CPU the operators' own CPU time, on a GPU the kernels' device time (here 10x the CPU's)."""
     rows = [("aten::mkldnn_convolution", 3000), ("aten::addmm", 1500), ("aten::convolution_backward", 2500),
             ("aten::empty", 0), ("aten::native_group_norm", 250)]
+    scale = 10 if device == "cuda" else 1
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
     class Profile:  # torch.profiler.profile as time_by_kind uses it, with known times
         def __init__(self, activities):
-            assert activities == [torch.profiler.ProfilerActivity.CPU]
+            assert activities == [activity]
 
         def __enter__(self):
             return self
@@ -164,12 +169,14 @@ def test_time_by_kind_adds_up_each_kind_in_milliseconds(monkeypatch):
             return False
 
         def key_averages(self):
-            return [types.SimpleNamespace(key=k, self_cpu_time_total=us, self_device_time_total=0) for k, us in rows]
+            return [types.SimpleNamespace(key=k, self_cpu_time_total=us if device == "cpu" else 1,
+                                          self_device_time_total=10 * us if device == "cuda" else 0) for k, us in rows]
 
     monkeypatch.setattr(torch.profiler, "profile", Profile)
     calls = []
-    ms = bench.time_by_kind(lambda: calls.append(1), torch.device("cpu"))
-    assert calls == [1] and list(ms.items()) == [("conv", 5.5), ("matmul", 1.5), ("norm & pointwise", 0.25)]
+    ms, _ = bench.time_by_kind(lambda: calls.append(1), torch.device(device))
+    assert calls == [1]
+    assert list(ms.items()) == [("conv", 5.5 * scale), ("matmul", 1.5 * scale), ("norm & pointwise", 0.25 * scale)]
 
 
 @pytest.mark.parametrize("name, kind", [  # kernels from an H200's profile of the compiled LoRA training call (bf16)
