@@ -7,11 +7,14 @@ eps with grad, the exact log-prob, the clipped DDPO loss, backward). For each va
 warm-up (which compiles), then one call under torch's profiler, split by kind of work (nanoddpo.bench.KINDS) and its 15
 longest kernels. Writes $OUT/profile.json (or ./profile.json): milliseconds per variant.
 
-    PYTHONPATH=. python docs/profile_lora_call.py 16 compiled compiled-nhwc compiled-forced   # about 2 min a variant
+    PYTHONPATH=. python docs/profile_lora_call.py 16 compiled compiled-flash compiled-forced   # about 2 min a variant
 
-Variants: eager, eager-nhwc, compiled (torch.compile's default mode), compiled-nhwc (the UNet's weights, and so its
-activations, in NHWC memory order), compiled-forced (inductor's layout optimisation forced on: its heuristic leaves it
-off for a training graph with a conv whose input has at least twice its output's channels, as SD's up blocks have).
+A variant is `eager` or `compiled` (torch.compile's default mode) with any of these suffixes, as in compiled-forced-flash:
+  -nhwc    the UNet's weights, and so its activations, in NHWC memory order;
+  -forced  inductor's layout optimisation forced on (compiled only: its heuristic leaves it off for a training graph
+           with a conv whose input has at least twice its output's channels, as SD's up blocks have);
+  -flash   attention through FlashAttention-2 only (torch picks cuDNN's fused attention on an H100 / H200 otherwise:
+           27% of the compiled call's kernel time at train batch 16, its backward 2.6x its forward).
 """
 import json
 import os
@@ -24,10 +27,13 @@ from nanoddpo import bench
 from nanoddpo.ddim import DDIM, log_prob_of_step
 from nanoddpo.lora import add_lora, lora_parameters
 
-VARIANTS = ("eager", "eager-nhwc", "compiled", "compiled-nhwc", "compiled-forced")
 B, variants = int(sys.argv[1]), sys.argv[2:] or ["eager", "eager-nhwc", "compiled"]
-if any(v not in VARIANTS for v in variants):
-    sys.exit(f"profile_lora_call.py: variants are {', '.join(VARIANTS)}; got {' '.join(variants)}")
+for v in variants:
+    base, *options = v.split("-")
+    if base not in ("eager", "compiled") or not set(options) <= {"nhwc", "forced", "flash"} or \
+            (base == "eager" and "forced" in options):
+        sys.exit(f"profile_lora_call.py: a variant is eager or compiled with suffixes -nhwc, -forced (compiled only), "
+                 f"-flash, as in compiled-forced-flash; got {v}")
 device = torch.device("cuda")
 sd, _, _ = bench.build_models(types.SimpleNamespace(model="", latent=64, no_baseline=True), device)
 sd.unet.to(torch.bfloat16)
@@ -45,8 +51,11 @@ print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; LoRA training
 results = {}
 for variant in variants:
     torch._dynamo.reset()
-    torch._inductor.config.force_layout_optimization = variant == "compiled-forced"
-    sd.unet.to(memory_format=torch.channels_last if variant.endswith("nhwc") else torch.contiguous_format)
+    options = variant.split("-")[1:]
+    torch._inductor.config.force_layout_optimization = "forced" in options
+    sd.unet.to(memory_format=torch.channels_last if "nhwc" in options else torch.contiguous_format)
+    torch.backends.cuda.enable_cudnn_sdp("flash" not in options)  # read when the call is traced, so set before it
+    torch.backends.cuda.enable_mem_efficient_sdp("flash" not in options)
     unet = sd.unet if variant.startswith("eager") else torch.compile(sd.unet, dynamic=False)
     call = bench.training_call(unet, ddim, x, params, autocast)
     seconds, peak_gb = bench.timed(call, 5, device)
