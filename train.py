@@ -53,7 +53,7 @@ from nanoddpo.lora import add_lora, lora_off, lora_parameters
 from nanoddpo.model import StableDiffusion
 from nanoddpo.prompts import draw_prompts
 from nanoddpo.rewards import AsyncReward, get_reward, reward_label, write_answers
-from nanoddpo.settings import check_settings, derived, model_and_prompts, resume_settings
+from nanoddpo.settings import check_settings, derived, model_and_prompts, preset_settings, resume_settings
 from nanoddpo.world import checker_for
 
 
@@ -125,7 +125,7 @@ PRESETS = {
     "sd14": dict(num_steps=50, batch_size=16, batches_per_epoch=16, train_batch_size=8, grad_accum=8, epochs=100,
                  lora=True, lr=3e-4),
 }
-# With --preset sd14, the paper's per-task settings (the authors' configs), unless given on the command line.
+# With --preset sd14 the paper's settings per task (the authors' configs) unless flags differ; --lora no: lr 1e-5.
 PAPER_TASKS = {
     "jpeg": dict(prompts="imagenet_animals"),
     "jpeg-incompressibility": dict(prompts="imagenet_animals"),
@@ -144,26 +144,12 @@ def parse_settings(argv=None):
                              "--preset sd14 also takes the paper's settings for the --reward (train.py's PAPER_TASKS).")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     # a resumed run keeps its saved settings (what is given on the command line still wins)
-    s, ckpt = resume_settings(Settings, given) if given.get("resume") else (preset_settings(given), None)
+    s, ckpt = resume_settings(Settings, given) if given.get("resume") else \
+        (preset_settings(Settings, PRESETS, PAPER_TASKS, given), None)
     for field in ("grad_accum", "num_inner_epochs"):  # given with reinforce, they would be ignored
         cli.need(s.algo != "reinforce" or field not in given, field, given.get(field),
                  "--algo reinforce makes one update of each epoch's samples: leave it out")
     return check_settings(s), ckpt
-
-
-def preset_settings(given):
-    """The preset's settings, with sd14 the paper's for the task, and the flags given over them."""
-    preset = given.get("preset", Settings.preset)
-    cli.need(preset in PRESETS, "preset", preset, f"choose one of {', '.join(PRESETS)}")
-    task = PAPER_TASKS.get(given.get("reward", Settings.reward), {}) if preset == "sd14" else {}
-    if preset == "sd14" and given.get("lora") is False:
-        task = {**task, "lr": 1e-5}  # the authors' rate to fine-tune the whole UNet (3e-4 is LoRA's)
-    s = Settings(**{**PRESETS[preset], **task, **given})
-    if task:
-        chosen = {k: v for k, v in task.items() if k not in given}
-        print(f"--preset sd14 --reward {s.reward}: the paper's settings for this task: "
-              f"{', '.join(f'{k}={v}' for k, v in chosen.items()) or 'all overridden by flags'}")
-    return s
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ train.py's settings checked, a resumed run's settings, and the quantities that f
 reader of the algorithm can skip. The Settings dataclass, its presets and the paper's per-task settings head train.py,
 where they are read.
 
+    s = preset_settings(Settings, PRESETS, PAPER_TASKS, flags)  # a new run: preset < the paper's task < flags
     s, ckpt = resume_settings(Settings, flags)  # --resume: the run's saved settings, the flags given over them
     check_settings(s, world)   # every field's range, before anything loads: a bad value is one line naming its flag
     d = derived(s, world)      # samples per epoch, train batches, optimizer steps per epoch, timesteps trained
@@ -24,7 +25,23 @@ from nanoddpo.prompts import PromptError, load_prompts
 from nanoddpo.rewards import REWARDS, check_reward, is_custom_reward
 
 CHOICES = dict(algo=("ppo", "reinforce", "rwr", "rwr-sparse"), precision=("auto", "fp32", "bf16", "fp16"),
-               compile=("auto", "on", "off"))  # --preset is checked where presets are applied (train.py)
+               compile=("auto", "on", "off"))  # --preset is checked where presets are applied (preset_settings)
+
+
+def preset_settings(cls, presets, tasks, given):
+    """A new run's settings (a train.Settings, `cls`): the preset's (train.py's PRESETS), with --preset sd14 the
+    paper's for the --reward (PAPER_TASKS), and the flags `given` over them."""
+    preset = given.get("preset", cls.preset)
+    cli.need(preset in presets, "preset", preset, f"choose one of {', '.join(presets)}")
+    task = tasks.get(given.get("reward", cls.reward), {}) if preset == "sd14" else {}
+    if preset == "sd14" and given.get("lora") is False:
+        task = {**task, "lr": 1e-5}  # the authors' rate to fine-tune the whole UNet (3e-4 is LoRA's)
+    s = cls(**{**presets[preset], **task, **given})
+    if task:
+        chosen = {k: v for k, v in task.items() if k not in given}
+        print(f"--preset sd14 --reward {s.reward}: the paper's settings for this task: "
+              f"{', '.join(f'{k}={v}' for k, v in chosen.items()) or 'all overridden by flags'}")
+    return s
 
 
 def resume_settings(cls, given):

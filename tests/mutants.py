@@ -194,7 +194,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", '"jpeg": dict(prompts="imagenet_animals")', '"jpeg": dict(prompts="simple_animals")'),
  ("train.py", '"alignment": dict(prompts="animals_activities", stat_buffer=32',
   '"alignment": dict(prompts="animals_activities", stat_buffer=16'),
- ("train.py", '"lr": 1e-5', '"lr": 3e-4'),
+ ("nanoddpo/settings.py", '"lr": 1e-5', '"lr": 3e-4'),
  ("train.py", "batches_per_epoch=18,", "batches_per_epoch=16,"),
  ("train.py", "if not torch.stack([p.isfinite().all() for p in params]).all():",
   "if False and torch.stack([p.isfinite().all() for p in params]).all():"),
