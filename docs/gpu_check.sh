@@ -3,13 +3,13 @@
 #
 #   OUT=runs/gpu bash docs/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
 #
-# In order of what is still unknown (docs/RESULTS.md, "The fourth lent H200"): the UNet's memory layout in training.
-# Compiled, the LoRA training call at UNet batch 32 spent 7% of its kernel time in cuDNN's copies between NCHW and NHWC
-# around its convolutions: inductor's layout heuristic leaves a training graph NCHW when a conv has twice as many input
-# channels as output channels (SD's up blocks, on their concatenated skips). train.py at train batch 16 (the fastest so
-# far: 3,962 trajectories/hour on an H200, epoch 1 of `--train-batch-size 16 --grad-accum 1`), two ways, each patched
-# in from outside (no change to train.py); epoch 0 compiles (about 3.5 minutes), epoch 1 is the throughput:
-# 1. train.py with inductor's layout optimisation forced on (TORCHINDUCTOR_FORCE_LAYOUT_OPT=1);
+# In order of what is still unknown (docs/RESULTS.md, "The fourth lent H200"): the UNet's memory layout in training,
+# then its attention kernels. Compiled, the LoRA training call at UNet batch 32 spent 7% of its kernel time in cuDNN's
+# copies between NCHW and NHWC around its convolutions: inductor's layout heuristic leaves a training graph NCHW when a
+# conv has twice as many input channels as output channels (SD's up blocks, on their concatenated skips).
+# 1. train.py at train batch 16 (the fastest so far: 3,962 trajectories/hour on an H200, epoch 1 of
+#    `--train-batch-size 16 --grad-accum 1`) with inductor's layout optimisation forced on from outside
+#    (TORCHINDUCTOR_FORCE_LAYOUT_OPT=1; no change to train.py): epoch 0 compiles (about 3.5 min), epoch 1 is the figure;
 # 2. the LoRA training call alone (docs/profile_lora_call.py, about 2 minutes a variant, as many as time allows), in
 #    the same process: compiled as train.py does (the baseline), with attention through FlashAttention-2 only (cuDNN's
 #    fused attention was 27% of the call, its backward 2.6x its forward), with the UNet's weights in NHWC.
