@@ -63,8 +63,7 @@ for variant in variants:
     mfu = f"{flops / seconds / (peak * 1e12):.1%}" if peak else "-"
     print(f"== {variant}: {1000 * seconds:.1f} ms  MFU {mfu}  peak {peak_gb:.1f} GB", flush=True)
     ms, kernels = bench.time_by_kind(call, device)
-    total = sum(ms.values())
-    print("   by kind: " + ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in ms.items()))
+    print(f"   by kind: {bench.kinds_line(ms)}")
     print(kernels.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=90), flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "profile.json"), "w") as f:  # after each variant: kept if cut
         json.dump(results, f, indent=1)

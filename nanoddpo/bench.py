@@ -394,6 +394,12 @@ def time_by_kind(fn, device):
     return dict(sorted(ms.items(), key=lambda kv: -kv[1])), rows
 
 
+def kinds_line(ms):
+    """time_by_kind's milliseconds as one line: "conv 55.0 ms (29%), attention 52.0 ms (27%), ..."."""
+    total = sum(ms.values())
+    return ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in ms.items())
+
+
 def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops=None):
     """Time ours and the baseline; a side that fails is reported on the row and the bench goes on. With --profile,
     our call's time by kind of work is printed under the row and kept in it (ms_by_kind)."""
@@ -413,8 +419,7 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
     row = table.add(what, variant, "s", t_ours, t_base, (m_ours, m_base), flops, "; ".join(errors) or None)
     if a.profile and t_ours is not None:
         row["ms_by_kind"] = ms = time_by_kind(ours_fn(), device)[0]
-        total = sum(ms.values())
-        print(f"    {'':<38} ours, by kind: " + ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in ms.items()))
+        print(f"    {'':<38} ours, by kind: {kinds_line(ms)}")
     return row
 
 

@@ -177,6 +177,8 @@ def test_time_by_kind_adds_up_each_kind_in_milliseconds(monkeypatch, device):
     ms, _ = bench.time_by_kind(lambda: calls.append(1), torch.device(device))
     assert calls == [1]
     assert list(ms.items()) == [("conv", 5.5 * scale), ("matmul", 1.5 * scale), ("norm & pointwise", 0.25 * scale)]
+    assert bench.kinds_line(ms) == {"cpu": "conv 5.5 ms (76%), matmul 1.5 ms (21%), norm & pointwise 0.2 ms (3%)",
+                                    "cuda": "conv 55.0 ms (76%), matmul 15.0 ms (21%), norm & pointwise 2.5 ms (3%)"}[device]
 
 
 @pytest.mark.parametrize("name, kind", [  # kernels from an H200's profile of the compiled LoRA training call (bf16)
@@ -188,6 +190,10 @@ def test_time_by_kind_adds_up_each_kind_in_milliseconds(monkeypatch, device):
     ("triton_poi_fused_cat_gelu_gelu_backward_mul_split_view_5", "norm & pointwise"),
     ("triton_poi_fused_convolution_0", "norm & pointwise"),  # a conv's bias add, fused by inductor
     ("triton_red_fused__to_copy_add_native_layer_norm_backward_view_12", "norm & pointwise"),
+    # PyTorch's own FlashAttention-2 kernels (docs/profile_lora_call.py -flash), one with "conv" in its name
+    ("void pytorch_flash::flash_bwd_convert_dq_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8, 2, 4, 2>>", "attention"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>", "attention"),
+    ("void pytorch_flash::flash_bwd_dot_do_o_kernel<true, Flash_bwd_kernel_traits<64>>", "attention"),
     ("aten::mkldnn_convolution", "conv"), ("aten::addmm", "matmul"),  # CPU operators
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::empty_strided", "other"),
 ])
