@@ -5,8 +5,9 @@ timestep, a default or a prompt that is not the authors') in diffusion math, RL 
 prompts. For each, a copy of the repository gets that one change and the tests of that file run; a mutant the tests
 pass is MISSED, and a test should be written that fails it. Those the tests missed when first planted (twelve, then
 24 more found by an audit against the authors' code, then 25 of the 58 planted in the model, single-file, LoRA,
-checkpoint, export, data-parallel, tiny-world and sample.py code) got the test that catches them. The bench's seven
-(MFU, trajectories per hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted.
+checkpoint, export, data-parallel, tiny-world and sample.py code, then 5 of 29 planted in the rewards, prompts and
+settings) got the test that catches them. The bench's seven (MFU, trajectories per hour, the profile's sums, order,
+GPU times and shares, channels-last) were caught when planted.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -280,6 +281,13 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/bench.py", "unet.to(memory_format=torch.channels_last)", "unet.to(memory_format=torch.contiguous_format)"),
  ("nanoddpo/bench.py", "*[3600 * n / s if s else None", "*[3600 / s if s else None"),
  ("nanoddpo/bench.py", "({v / total:.0%})", "({v / 100:.0%})"),
+ ("nanoddpo/learned_rewards.py", "[t.strip() for t in texts]", "list(texts)"),
+ ("nanoddpo/learned_rewards.py", "bert_dir=DEBERTA_DIR, bert_layer=40,", "bert_dir=DEBERTA_DIR, bert_layer=24,"),
+ ("nanoddpo/settings.py", 'if preset == "sd14" else {}', 'if preset else {}'),
+ ("nanoddpo/settings.py", "steps_per_epoch=max(1, train_batches // grad_accum) * inner)",
+  "steps_per_epoch=max(1, train_batches // grad_accum))"),
+ ("nanoddpo/settings.py", "timesteps_trained=max(1, int(s.num_steps * s.timestep_fraction))",
+  "timesteps_trained=max(1, round(s.num_steps * s.timestep_fraction))"),
 ]
 
 

@@ -1,4 +1,5 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -702,6 +703,10 @@ def test_defaults_are_the_authors():
     assert {k: getattr(s, k) for k in authors} == authors
     d = train.derived(s, 1)  # 256 samples per epoch, 4 optimizer steps, every one of the 50 steps trained
     assert (d.samples_per_epoch, d.steps_per_epoch, d.timesteps_trained, s.epochs) == (256, 4, 50, 100)
+    # The authors train int(num_steps * timestep_fraction) timesteps (rounded down, 37 of 50 at 0.75, not 38), and
+    # every inner epoch repeats the epoch's optimizer steps.
+    assert train.derived(dataclasses.replace(s, timestep_fraction=0.75), 1).timesteps_trained == 37
+    assert train.derived(dataclasses.replace(s, num_inner_epochs=2), 1).steps_per_epoch == 8
 
 
 def test_sd14_follows_the_papers_task_settings():
@@ -718,6 +723,9 @@ def test_sd14_follows_the_papers_task_settings():
     s, _ = train.parse_settings(["--preset", "sd14", "--lora", "no"])  # the authors' JAX code fine-tunes all at 1e-5
     assert s.lr == 1e-5 and train.parse_settings(["--preset", "sd14", "--lora", "no", "--lr", "3e-5"])[0].lr == 3e-5
     assert train.parse_settings(["--lora", "no"])[0].lr == 3e-4  # the tiny preset trains its whole UNet at 3e-4
+    for reward in train.PAPER_TASKS:  # the tiny preset keeps its own settings and its own prompts for every reward
+        s, _ = train.parse_settings(["--reward", reward])
+        assert {k: getattr(s, k) for k in train.PRESETS["tiny"]} == train.PRESETS["tiny"] and s.prompts == ""
 
 
 def test_unwritable_output(tmp_path, tiny_model_dir, command_line):

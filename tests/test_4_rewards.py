@@ -422,7 +422,7 @@ def tiny_deberta(tmp_path_factory):
     return folder
 
 
-CANDIDATES = ["a cat riding a bike", "ant", "the cat", "dog dog dog playing chess in the kitchen", "x"]
+CANDIDATES = ["a cat riding a bike", " ant\n", "the cat", "dog dog dog playing chess in the kitchen", "x"]
 REFERENCES = ["The image contains a cat riding a bike", "The image contains an ant", "The image contains a cat",
               "The image contains a dog playing chess", "The image contains a fish"]
 
@@ -498,6 +498,8 @@ def test_alignment_asks_the_references_question():
     assert learned_rewards.QUESTION == "Answer concisely: what is going on in this image?"
     assert learned_rewards.LLAVA_PROMPT == "USER: <image>\nAnswer concisely: what is going on in this image? ASSISTANT:"
     assert inspect.signature(learned_rewards.AlignmentReward).parameters["max_new_tokens"].default == 64
+    # BERTScore reads deberta-xlarge-mnli's hidden states after block 40 of 48 (bert-score's model2layers)
+    assert inspect.signature(learned_rewards.AlignmentReward).parameters["bert_layer"].default == 40
 
 
 def test_alignment_reward(tiny_llava, tiny_deberta):
