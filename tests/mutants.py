@@ -5,9 +5,11 @@ timestep, a default or a prompt that is not the authors') in diffusion math, RL 
 prompts. For each, a copy of the repository gets that one change and the tests of that file run; a mutant the tests
 pass is MISSED, and a test should be written that fails it. Those the tests missed when first planted (twelve, then
 24 more found by an audit against the authors' code, then 25 of the 58 planted in the model, single-file, LoRA,
-checkpoint, export, data-parallel, tiny-world and sample.py code, then 5 of 29 planted in the rewards, prompts and
-settings) got the test that catches them. The bench's seven (MFU, trajectories per hour, the profile's sums, order,
-GPU times and shares, channels-last) were caught when planted.
+checkpoint, export, data-parallel, tiny-world and sample.py code, then 8 of 50 planted in the rewards, prompts,
+settings, loop and sampler) got the test that catches them. (The other eight of those 50 passed and were left out: they
+change nothing a run computes, or only a log line, a grid's prompts, or which random draws go together: the order of
+an epoch's prompts, or a second process's share of them.) The bench's seven (MFU, trajectories per hour, the
+profile's sums, order, GPU times and shares, channels-last) were caught when planted.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -288,6 +290,10 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "steps_per_epoch=max(1, train_batches // grad_accum))"),
  ("nanoddpo/settings.py", "timesteps_trained=max(1, int(s.num_steps * s.timestep_fraction))",
   "timesteps_trained=max(1, round(s.num_steps * s.timestep_fraction))"),
+ ("train.py", "manual_seed(s.seed * 1_000_003 + epoch)", "manual_seed(s.seed * 1_000_003)"),
+ ("train.py", "(stats / (d.train_batches * d.inner_epochs * d.timesteps_trained))",
+  "(stats / (d.train_batches * d.timesteps_trained))"),
+ ("nanoddpo/ddim.py", "negative_context = sd.encode_prompts([negative_prompt])", "negative_context = sd.encode_prompts([''])"),
 ]
 
 

@@ -274,11 +274,12 @@ def diffusers_pipeline(sd):
     return pipe
 
 
-def test_end_to_end_parity_with_diffusers_pipeline(tiny_sd):
+@pytest.mark.parametrize("negative", ["", "a blurry photo"])  # the empty prompt DDPO guides against, and another
+def test_end_to_end_parity_with_diffusers_pipeline(tiny_sd, negative):
     """10 steps at eta = 1, w = 5: same initial latents and per-step noise -> same final latents and images."""
     pipe = diffusers_pipeline(tiny_sd)
     prompts, seeds = ["a red cat", "a dog"], [3, 4]
-    ours = sample(tiny_sd, prompts, seeds, num_steps=10, guidance_scale=5.0, eta=1.0)
+    ours = sample(tiny_sd, prompts, seeds, num_steps=10, guidance_scale=5.0, eta=1.0, negative_prompt=negative)
     # Each of our samples draws x_T then the 10 step noises from one generator seeded by its seed. Handing the
     # pipeline x_T and those same generators (advanced past x_T) makes it draw the same step noise: torch's CPU
     # normal sampler gives the same stream whether drawn as one (11, 4, 8, 8) block or eleven (4, 8, 8) blocks.
@@ -287,7 +288,7 @@ def test_end_to_end_parity_with_diffusers_pipeline(tiny_sd):
     assert torch.equal(latents, ours.latents[:, 0])
     final = {}
     theirs = pipe(prompts, num_inference_steps=10, guidance_scale=5.0, eta=1.0, latents=latents,
-                  generator=generators, output_type="pt",
+                  negative_prompt=[negative] * len(prompts), generator=generators, output_type="pt",
                   callback_on_step_end=lambda p, i, t, kw: final.update(kw) or kw).images
     torch.testing.assert_close(ours.latents[:, -1], final["latents"], rtol=1e-5, atol=1e-5 * final["latents"].abs().max())
     torch.testing.assert_close(ours.images, theirs, rtol=1e-5, atol=1e-5)

@@ -451,6 +451,29 @@ def test_each_sample_trains_on_its_own_advantage_and_random_steps(tmp_path, tiny
     assert set().union(*steps.values()) == {0, 1, 2, 3}
 
 
+def test_each_epoch_draws_new_seeds_and_prompts(tmp_path, tiny_model_dir, monkeypatch):
+    # An epoch's randomness derives from (seed, epoch): a loop that reused epoch 0's draw would start every epoch from
+    # the same noises with the same prompts, and train the policy on a fixed handful of seeds. And the logged loss,
+    # approx_kl and clipfrac are means over every training call of the epoch, inner epochs included.
+    calls = []
+    real_sample = train.sample
+    def recording_sample(sd, prompts, seeds, *args, **kwargs):
+        calls.append((list(prompts), list(seeds)))
+        return real_sample(sd, prompts, seeds, *args, **kwargs)
+    def constant_loss(s, unet, *args):
+        return unet.conv_out.bias.sum() * 0 + 0.25, torch.tensor(0.5), torch.tensor(0.75)
+    monkeypatch.setattr(train, "sample", recording_sample)
+    monkeypatch.setattr(train, "ddpo_step_loss", constant_loss)
+    out = run(tmp_path, tiny_model_dir, name="r", epochs=2, num_steps=2, num_inner_epochs=2)
+    for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        assert (m["loss"], m["approx_kl"], m["clipfrac"]) == (0.25, 0.5, 0.75)
+    def epoch(k):  # its prompts and its seeds, over its sampling calls
+        mine = calls[k * TINY_RUN["batches_per_epoch"]:(k + 1) * TINY_RUN["batches_per_epoch"]]
+        return [p for prompts, _ in mine for p in prompts], [s for _, seeds in mine for s in seeds]
+    (prompts0, seeds0), (prompts1, seeds1) = epoch(0), epoch(1)
+    assert len(seeds1) == len(seeds0) == len(set(seeds0)) == 8  # every image of an epoch has a seed of its own
+    assert not set(seeds0) & set(seeds1) and prompts0 != prompts1
+
 def test_kl_to_base_is_the_closed_form_at_the_sampled_states(tiny_model_dir):
     # One random step per trajectory: KL(policy || base) of the step from latent j at timestep j, averaged.
     sd = StableDiffusion.from_pretrained(tiny_model_dir)
