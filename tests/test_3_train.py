@@ -474,6 +474,7 @@ def test_each_epoch_draws_new_seeds_and_prompts(tmp_path, tiny_model_dir, monkey
     assert len(seeds1) == len(seeds0) == len(set(seeds0)) == 8  # every image of an epoch has a seed of its own
     assert not set(seeds0) & set(seeds1) and prompts0 != prompts1
 
+
 def test_kl_to_base_is_the_closed_form_at_the_sampled_states(tiny_model_dir):
     # One random step per trajectory: KL(policy || base) of the step from latent j at timestep j, averaged.
     sd = StableDiffusion.from_pretrained(tiny_model_dir)

@@ -422,6 +422,7 @@ def tiny_deberta(tmp_path_factory):
     return folder
 
 
+# " ant\n": bert-score strips surrounding whitespace before tokenizing, and so must we
 CANDIDATES = ["a cat riding a bike", " ant\n", "the cat", "dog dog dog playing chess in the kitchen", "x"]
 REFERENCES = ["The image contains a cat riding a bike", "The image contains an ant", "The image contains a cat",
               "The image contains a dog playing chess", "The image contains a fish"]
