@@ -336,7 +336,7 @@ def main(s, resume_ckpt=None):
     for epoch in range(start_epoch, s.epochs):
         # Everything random in an epoch derives from (seed, epoch) and is drawn identically on every rank for the
         # whole epoch; each rank then takes its slice. So prompts never need gathering, a resumed run draws what the
-        # original would have, and N processes see exactly the samples one process would.
+        # original would have, and N processes sample and train exactly the (sample, step) pairs one process would.
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
         drawn = np.array(draw_prompts(prompts, d.samples_per_epoch, s.images_per_prompt, gen), dtype=object)
         all_prompts = drawn.reshape(s.batches_per_epoch, ranks.world, s.batch_size)
@@ -383,7 +383,7 @@ def main(s, resume_ckpt=None):
         bar = tqdm(total=d.train_batches * d.inner_epochs, desc=f"epoch {epoch} training", leave=False,
                    disable=ranks.rank > 0)
         for _ in range(d.inner_epochs):
-            order = torch.randperm(d.local_samples, generator=gen).to(device)
+            order = ranks.mine_in_order(torch.randperm(d.samples_per_epoch, generator=gen), s.batch_size).to(device)
             # Each sample trains its own random subset and order of steps, so a micro-batch mixes timesteps.
             perms = torch.stack([torch.randperm(s.num_steps, generator=gen) for _ in range(d.samples_per_epoch)])
             perms = ranks.mine(perms.view(s.batches_per_epoch, ranks.world, s.batch_size, -1)).to(device)

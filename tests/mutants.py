@@ -5,11 +5,11 @@ timestep, a default or a prompt that is not the authors') in diffusion math, RL 
 prompts. For each, a copy of the repository gets that one change and the tests of that file run; a mutant the tests
 pass is MISSED, and a test should be written that fails it. Those the tests missed when first planted (twelve, then
 24 more found by an audit against the authors' code, then 25 of the 58 planted in the model, single-file, LoRA,
-checkpoint, export, data-parallel, tiny-world and sample.py code, then 8 of 50 planted in the rewards, prompts,
-settings, loop and sampler) got the test that catches them. (The other eight of those 50 passed and were left out: they
-change nothing a run computes, or only a log line, a grid's prompts, or which random draws go together: the order of
-an epoch's prompts, or a second process's share of them.) The bench's seven (MFU, trajectories per hour, the
-profile's sums, order, GPU times and shares, channels-last) were caught when planted.
+checkpoint, export, data-parallel, tiny-world and sample.py code, then 10 of 50 planted in the rewards, prompts,
+settings, loop and sampler, with the two that made a second process train other pairs than one process would) got
+the test that catches them. (The other six of those 50 passed and were left out: they change nothing a run computes,
+or only a log line, a grid's prompts, or the order of an epoch's prompts.) The bench's seven (MFU, trajectories per
+hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -48,6 +48,7 @@ TESTS = {  # which tests guard which file
                                    "resume_continues_exactly", "resume_forgets_the_metrics_of_the_epochs_it_reruns",
                                    "checkpoints_keep_the_newest_and_resume_gives_back_the_optimizer_and_rng"))],
     "nanoddpo/distributed.py": [f"tests/test_3_train.py::test_{name}" for name in (
+        "each_rank_trains_its_samples_in_the_one_global_order",
         "gather_is_in_batch_rank_image_order_and_gradients_are_averaged", "two_processes_train_as_one")],
 }
 DEFAULT_TESTS = ["tests/test_3_train.py", "tests/test_3_train_trl.py"]
@@ -181,8 +182,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", "m.to(dtype) if isinstance(m, (nn.Conv2d, nn.Linear)) else None", "m.to(dtype)"),
  # found by an audit against the authors' code (2026-11-26, seventh session): each was missed before its test
  ("train.py", "micro = d.grad_accum * d.timesteps_trained", "micro = d.grad_accum * s.num_steps"),
- ("train.py", "order = torch.randperm(d.local_samples, generator=gen).to(device)",
-  "order = torch.arange(d.local_samples).to(device)"),
+ ("train.py", "order = ranks.mine_in_order(torch.randperm(d.samples_per_epoch, generator=gen), s.batch_size)",
+  "order = ranks.mine_in_order(torch.arange(d.samples_per_epoch), s.batch_size)"),
  ("train.py", "for _ in range(d.inner_epochs):", "for _ in range(s.num_inner_epochs):"),
  ("train.py", "t = torch.randint(ddim.alpha_bar.numel()", "t = torch.randint(ddim.num_steps"),
  ("train.py", "x0 = e.latents[rows, -1]", "x0 = e.latents[rows, 0]"),
@@ -294,6 +295,13 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", "(stats / (d.train_batches * d.inner_epochs * d.timesteps_trained))",
   "(stats / (d.train_batches * d.timesteps_trained))"),
  ("nanoddpo/ddim.py", "negative_context = sd.encode_prompts([negative_prompt])", "negative_context = sd.encode_prompts([''])"),
+ ("train.py", "drawn.reshape(s.batches_per_epoch, ranks.world, s.batch_size)",
+  "drawn.reshape(ranks.world, s.batches_per_epoch, s.batch_size).transpose(1, 0, 2)"),
+ ("train.py", "perms = ranks.mine(perms.view(s.batches_per_epoch, ranks.world, s.batch_size, -1)).to(device)",
+  "perms = perms[: d.local_samples].to(device)"),
+ ("nanoddpo/distributed.py", "kept = order[(order // batch) % self.world == self.rank]",
+  "kept = order[order % self.world == self.rank]"),
+ ("nanoddpo/distributed.py", "return kept // (self.world * batch) * batch + kept % batch", "return kept // self.world"),
 ]
 
 

@@ -835,9 +835,11 @@ def test_two_processes_train_as_one(tmp_path, tiny_model_dir):
     mp.spawn(ddp_worker, args=(2, port + 3, str(tmp_path / "cut"), str(tiny_model_dir), resumed), nprocs=2)
     again = load_file(tmp_path / "cut" / "rank0.safetensors")
     assert all(torch.equal(r0[k], again[k]) for k in r0)
-    # (b) one epoch (one optimizer step) of 2 x 4 samples equals one process with the same 8 samples
-    mp.spawn(ddp_worker, args=(2, port + 1, str(tmp_path / "one"), str(tiny_model_dir), {**kw, "epochs": 1}), nprocs=2)
-    single = run(tmp_path / "single", tiny_model_dir, **{**kw, "epochs": 1, "batch_size": 8, "train_batch_size": 8})
+    # (b) one epoch (one optimizer step) of 2 batches of 2 x 4 samples equals one process with the same 2 x 8 samples,
+    # each trained on the same one of its 3 steps
+    one = {**kw, "epochs": 1, "batches_per_epoch": 2, "grad_accum": 2, "timestep_fraction": 0.5}
+    mp.spawn(ddp_worker, args=(2, port + 1, str(tmp_path / "one"), str(tiny_model_dir), one), nprocs=2)
+    single = run(tmp_path / "single", tiny_model_dir, **{**one, "batch_size": 8, "train_batch_size": 8})
     ddp = load_file(tmp_path / "one" / "rank0.safetensors")
     ref = load_file(single / "checkpoints" / "step_1" / "unet.safetensors")
     base = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
@@ -941,6 +943,18 @@ def collectives_worker(rank, world, port, out):
     ranks.average_gradients([p])
     torch.save({"gathered": torch.as_tensor(gathered), "grad": p.grad}, f"{out}/rank{rank}.pt")
     ranks.close()
+
+
+def test_each_rank_trains_its_samples_in_the_one_global_order():
+    from nanoddpo.distributed import Ranks
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))  # 2 batches x 2 ranks x 3 samples
+    for world in (1, 2):
+        for rank in range(world):
+            ranks = Ranks()
+            ranks.rank, ranks.world = rank, world
+            numbered = ranks.mine(torch.arange(12).view(2, world, -1))  # the global number of each of my samples
+            mine = [g for g in order.tolist() if g in numbered.tolist()]
+            assert numbered[ranks.mine_in_order(order, 6 // world)].tolist() == mine  # my samples, in the global order
 
 
 def test_gather_is_in_batch_rank_image_order_and_gradients_are_averaged(tmp_path):
