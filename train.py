@@ -146,10 +146,7 @@ def parse_settings(argv=None):
     # a resumed run keeps its saved settings (what is given on the command line still wins)
     s, ckpt = resume_settings(Settings, given) if given.get("resume") else \
         (preset_settings(Settings, PRESETS, PAPER_TASKS, given), None)
-    for field in ("grad_accum", "num_inner_epochs"):  # given with reinforce, they would be ignored
-        cli.need(s.algo != "reinforce" or field not in given, field, given.get(field),
-                 "--algo reinforce makes one update of each epoch's samples: leave it out")
-    return check_settings(s), ckpt
+    return check_settings(s, given=given), ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -227,10 +224,11 @@ def ddpo_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
 
 
 def rwr_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
-    """RWR: the reward-weighted denoising loss w_i * ||eps_guided(x_t, t, c) - noise||^2 at a random t per sample."""
+    """RWR: the reward-weighted denoising loss w_i * ||eps_guided(x_t, t, c) - noise||^2 at a random t per sample. The
+    generator is shared: t and noise are drawn for every rank and each keeps its own, so no two ranks repeat a draw."""
     x0 = e.latents[rows, -1]
-    t = torch.randint(ddim.alpha_bar.numel(), (len(x0),), generator=gen).to(x0.device)
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = torch.randint(ddim.alpha_bar.numel(), (e.world, len(x0)), generator=gen)[e.rank].to(x0.device)
+    noise = torch.randn((e.world, *x0.shape), generator=gen)[e.rank].to(x0.device)
     eps = guided_eps(unet, ddim.add_noise(x0, noise, t), t, e.context[rows], e.negative_context, s.guidance_scale)
     zero = torch.zeros((), device=x0.device)
     return (e.advantages[rows] * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean(), zero, zero
@@ -369,7 +367,8 @@ def main(s, resume_ckpt=None):
             old_log_probs=torch.cat([t.log_probs for t in trajs]) if s.eta else None,  # (N, T); eta 0 (RWR): none
             context=torch.cat([t.context for t in trajs]),  # (N, 77, D)
             negative_context=trajs[0].negative_context,  # (1, 77, D)
-            advantages=torch.tensor(ranks.mine(advantages), dtype=torch.float32, device=device))  # (N,)
+            advantages=torch.tensor(ranks.mine(advantages), dtype=torch.float32, device=device),  # (N,)
+            rank=ranks.rank, world=ranks.world)  # whose samples (RWR keeps this rank's share of its draws)
         t0 = time.time()
         with autocast:  # before training, so epoch 0's is exactly 0: the policy that sampled it is the base
             kl = kl_to_base(s, unet, base_unet, ddim, e, torch.Generator().manual_seed(s.seed + 7919 * epoch)) \

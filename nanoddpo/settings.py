@@ -5,7 +5,7 @@ where they are read.
 
     s = preset_settings(Settings, PRESETS, PAPER_TASKS, flags)  # a new run: preset < the paper's task < flags
     s, ckpt = resume_settings(Settings, flags)  # --resume: the run's saved settings, the flags given over them
-    check_settings(s, world)   # every field's range, before anything loads: a bad value is one line naming its flag
+    check_settings(s, world, flags)  # every field's range, before anything loads: a bad value is one line naming it
     d = derived(s, world)      # samples per epoch, train batches, optimizer steps per epoch, timesteps trained
     model_dir, prompts, why = model_and_prompts(s)  # what --model, --prompts and --reward name, found and checked
 
@@ -62,10 +62,14 @@ def resume_settings(cls, given):
     return s, ckpt
 
 
-def check_settings(s, world=1):
-    """Every field's range, checked before anything is loaded: a bad value is one line naming the flag."""
+def check_settings(s, world=1, given=()):
+    """Every field's range, checked before anything is loaded: a bad value is one line naming the flag. `given`: the
+    flags on the command line."""
     def need(ok, field, accepted):
         cli.need(ok, field, getattr(s, field), accepted)
+    for field in ("grad_accum", "num_inner_epochs"):  # given with reinforce, they would be ignored
+        need(s.algo != "reinforce" or field not in given, field,
+             "--algo reinforce makes one update of each epoch's samples: leave it out")
     for field, choices in CHOICES.items():
         need(getattr(s, field) in choices, field, f"choose one of {', '.join(choices)}")
     need(s.reward in REWARDS or is_custom_reward(s.reward), "reward",

@@ -302,6 +302,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/distributed.py", "kept = order[(order // batch) % self.world == self.rank]",
   "kept = order[order % self.world == self.rank]"),
  ("nanoddpo/distributed.py", "return kept // (self.world * batch) * batch + kept % batch", "return kept // self.world"),
+ ("train.py", "(e.world, len(x0)), generator=gen)[e.rank]", "(e.world, len(x0)), generator=gen)[0]"),
+ ("train.py", "torch.randn((e.world, *x0.shape), generator=gen)[e.rank]", "torch.randn((e.world, *x0.shape), generator=gen)[0]"),
 ]
 
 

@@ -89,7 +89,7 @@ def test_rwr_loss_weighs_each_sample_by_its_weight(tiny_model_dir):
     traj = sample(sd, ["a red cat", "cat"], seeds=[1, 2], num_steps=4, guidance_scale=5.0)
     def loss(weights):
         e = SimpleNamespace(latents=traj.latents, context=traj.context, negative_context=traj.negative_context,
-                            advantages=torch.tensor(weights))
+                            advantages=torch.tensor(weights), rank=0, world=1)
         with torch.no_grad():
             return train.rwr_step_loss(settings(algo="rwr"), sd.unet, None, DDIM(4), e, torch.tensor([0, 1]), None,
                                        torch.Generator().manual_seed(0))[0]
@@ -786,13 +786,27 @@ def test_rwr_denoises_the_final_latents_at_any_of_the_1000_timesteps():
         alpha_bar = ddim.alpha_bar[t].view(-1, 1, 1, 1)
         return (x - alpha_bar.sqrt() * latents[:, -1].repeat(2, 1, 1, 1)) / (1 - alpha_bar).sqrt()
     e = SimpleNamespace(latents=latents, context=torch.zeros(8, 77, 4), negative_context=torch.zeros(1, 77, 4),
-                        advantages=torch.ones(8, dtype=torch.float64))
+                        advantages=torch.ones(8, dtype=torch.float64), rank=0, world=1)
     gen = torch.Generator().manual_seed(0)
     for _ in range(8):
         loss = train.rwr_step_loss(settings(algo="rwr"), knows_x0, None, ddim, e, torch.arange(8), None, gen)[0]
         assert loss < 1e-8  # float rounding; a wrong x_0 gives about 1
     t = torch.cat(seen)
     assert t.min() >= 0 and t.max() < 1000 and t.max() > 500 and len(t.unique()) > 50
+    # Under torchrun the ranks hold other samples but draw from one generator: each keeps its share of the t and noise
+    # drawn for every rank, so no two ranks denoise at the same t with the same noise. Alone, a process draws as before.
+    def draws(rank, world):  # -> the t and the noise (what knows_x0 predicts) of each sample, twice (the guidance pair)
+        calls = []
+        def unet(x, t, context):
+            calls.append((t, knows_x0(x, t, context)))
+            return calls[-1][1]
+        e_rank = SimpleNamespace(**{**vars(e), "rank": rank, "world": world})
+        train.rwr_step_loss(settings(algo="rwr"), unet, None, ddim, e_rank, torch.arange(8), None,
+                            torch.Generator().manual_seed(1))
+        return calls[0]
+    (t0, noise0), (t1, noise1) = draws(0, 2), draws(1, 2)
+    assert (t0 != t1).float().mean() > 0.9 and not torch.isclose(noise0, noise1).any()
+    assert torch.equal(draws(0, 1)[0], torch.randint(1000, (8,), generator=torch.Generator().manual_seed(1)).repeat(2))
 
 
 @pytest.mark.parametrize("algo", ["rwr", "rwr-sparse"])
