@@ -334,7 +334,7 @@ def main(s, resume_ckpt=None):
     for epoch in range(start_epoch, s.epochs):
         # Everything random in an epoch derives from (seed, epoch) and is drawn identically on every rank for the
         # whole epoch; each rank then takes its slice. So prompts never need gathering, a resumed run draws what the
-        # original would have, and N processes sample and train exactly the (sample, step) pairs one process would.
+        # original would have, and N processes sample, and train DDPO on, exactly the (sample, step) pairs one would.
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch)
         drawn = np.array(draw_prompts(prompts, d.samples_per_epoch, s.images_per_prompt, gen), dtype=object)
         all_prompts = drawn.reshape(s.batches_per_epoch, ranks.world, s.batch_size)
