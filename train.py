@@ -382,7 +382,8 @@ def main(s, resume_ckpt=None):
         bar = tqdm(total=d.train_batches * d.inner_epochs, desc=f"epoch {epoch} training", leave=False,
                    disable=ranks.rank > 0)
         for _ in range(d.inner_epochs):
-            order = ranks.mine_in_order(torch.randperm(d.samples_per_epoch, generator=gen), s.batch_size).to(device)
+            order = torch.randperm(d.samples_per_epoch, generator=gen)  # as one process draws it: gen moves on alike
+            order = order[order < d.local_samples].to(device)  # a shuffle of this rank's samples
             # Each sample trains its own random subset and order of steps, so a micro-batch mixes timesteps.
             perms = torch.stack([torch.randperm(s.num_steps, generator=gen) for _ in range(d.samples_per_epoch)])
             perms = ranks.mine(perms.view(s.batches_per_epoch, ranks.world, s.batch_size, -1)).to(device)

@@ -47,13 +47,6 @@ class Ranks:
         """x (batches, world, batch, ...) drawn for all ranks -> this rank's (batches * batch, ...)."""
         return x[:, self.rank].reshape(-1, *x.shape[3:])
 
-    def mine_in_order(self, order, batch):
-        """A permutation `order` of the epoch's samples, numbered in the order (batches, world, batch) -> this rank's
-        samples in that order, numbered as mine() numbers them; alone, `order` itself. Every rank draws one global
-        order, so the generator moves on as in one process and each sample then draws the same training timesteps."""
-        kept = order[(order // batch) % self.world == self.rank]
-        return kept // (self.world * batch) * batch + kept % batch
-
     def gather(self, local, batches):
         """This rank's (batches * batch,) rewards -> every rank's, flat in the order (batches, world, batch)."""
         x = torch.as_tensor(local).view(batches, 1, -1)

@@ -418,25 +418,31 @@ def test_one_update_averages_over_batches_and_timesteps(tmp_path, tiny_model_dir
         assert torch.allclose(bias - base, torch.full_like(base, first * steps), rtol=1e-4), (fraction, accum)
 
 
+def record_sampling(monkeypatch):
+    """train.py's sample() as before, with every call's (prompts, seeds) appended to the list returned."""
+    calls, real_sample = [], train.sample
+    def recording_sample(sd, prompts, seeds, *args, **kwargs):
+        calls.append((list(prompts), list(seeds)))
+        return real_sample(sd, prompts, seeds, *args, **kwargs)
+    monkeypatch.setattr(train, "sample", recording_sample)
+    return calls
+
+
 def test_each_sample_trains_on_its_own_advantage_and_random_steps(tmp_path, tiny_model_dir, monkeypatch):
     # The reward is a function of the prompt, so each stored sample's advantage is known from the prompt it was sampled
     # with: every (batch, step) the loss sees must carry the z-score of its own sample's reward. And each sample trains
     # timestep_fraction of its steps, a random subset of its own, not the first ones.
     (tmp_path / "by_prompt.py").write_text("import numpy as np\ndef score(images, prompts):\n"
                                            "    return np.array([sum(map(ord, p)) % 97 for p in prompts], float)\n")
-    sampled, seen = [], []
-    real_sample = train.sample
-    def recording_sample(sd, prompts, *args, **kwargs):
-        sampled.extend(prompts)
-        return real_sample(sd, prompts, *args, **kwargs)
+    calls, seen = record_sampling(monkeypatch), []
     def spy(s, unet, base_unet, ddim, e, rows, step, gen):
         seen.append((rows.tolist(), e.advantages[rows].tolist(), step.tolist()))
         zero = torch.zeros(())
         return unet.conv_out.bias.sum() * 0, zero, zero
-    monkeypatch.setattr(train, "sample", recording_sample)
     monkeypatch.setattr(train, "ddpo_step_loss", spy)
     run(tmp_path, tiny_model_dir, name="r", epochs=1, num_steps=4, timestep_fraction=0.5, train_batch_size=2,
         per_prompt_stats=False, adv_clip_max=100.0, reward=f"{tmp_path / 'by_prompt.py'}:score")
+    sampled = [p for prompts, _ in calls for p in prompts]
     r = np.array([sum(map(ord, p)) % 97 for p in sampled], float)
     z = (r - r.mean()) / (r.std() + 1e-6)
     steps = {}
@@ -455,14 +461,9 @@ def test_each_epoch_draws_new_seeds_and_prompts(tmp_path, tiny_model_dir, monkey
     # An epoch's randomness derives from (seed, epoch): a loop that reused epoch 0's draw would start every epoch from
     # the same noises with the same prompts, and train the policy on a fixed handful of seeds. And the logged loss,
     # approx_kl and clipfrac are means over every training call of the epoch, inner epochs included.
-    calls = []
-    real_sample = train.sample
-    def recording_sample(sd, prompts, seeds, *args, **kwargs):
-        calls.append((list(prompts), list(seeds)))
-        return real_sample(sd, prompts, seeds, *args, **kwargs)
+    calls = record_sampling(monkeypatch)
     def constant_loss(s, unet, *args):
         return unet.conv_out.bias.sum() * 0 + 0.25, torch.tensor(0.5), torch.tensor(0.75)
-    monkeypatch.setattr(train, "sample", recording_sample)
     monkeypatch.setattr(train, "ddpo_step_loss", constant_loss)
     out = run(tmp_path, tiny_model_dir, name="r", epochs=2, num_steps=2, num_inner_epochs=2)
     for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
@@ -957,18 +958,6 @@ def collectives_worker(rank, world, port, out):
     ranks.average_gradients([p])
     torch.save({"gathered": torch.as_tensor(gathered), "grad": p.grad}, f"{out}/rank{rank}.pt")
     ranks.close()
-
-
-def test_each_rank_trains_its_samples_in_the_one_global_order():
-    from nanoddpo.distributed import Ranks
-    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))  # 2 batches x 2 ranks x 3 samples
-    for world in (1, 2):
-        for rank in range(world):
-            ranks = Ranks()
-            ranks.rank, ranks.world = rank, world
-            numbered = ranks.mine(torch.arange(12).view(2, world, -1))  # the global number of each of my samples
-            mine = [g for g in order.tolist() if g in numbered.tolist()]
-            assert numbered[ranks.mine_in_order(order, 6 // world)].tolist() == mine  # my samples, in the global order
 
 
 def test_gather_is_in_batch_rank_image_order_and_gradients_are_averaged(tmp_path):
