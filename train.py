@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from nanoddpo import cli
 from nanoddpo.bench import image_flops, mfu
-from nanoddpo.checkpoint import forget_after, resume, save_checkpoint, start_run
+from nanoddpo.checkpoint import forget_after, resume, save_checkpoint, save_settings, start_run
 from nanoddpo.cli import UsageError, keep_freed_memory, settings_parser
 from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
@@ -282,8 +282,7 @@ def main(s, resume_ckpt=None):
     use_compile = cuda if s.compile == "auto" else s.compile == "on"
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    torch.set_num_threads(s.threads or torch.get_num_threads())  # 0: torch's default, one per core
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
     # checked again now that torchrun's world size is known. d: what follows from s (nanoddpo/settings.py); with
     # reinforce, every train batch of the epoch goes into its one optimizer step (d.grad_accum), in one pass
@@ -322,6 +321,7 @@ def main(s, resume_ckpt=None):
         start_epoch, global_step, tracker.buffers = state["epoch"], state["global_step"], state["stat_buffers"]
         ranks.log(f"resumed from {resume_ckpt}: epoch {start_epoch}, optimizer step {global_step}")
     reward_fn = get_reward(s.reward)
+    save_settings(run_dir, s, ranks.rank)  # now that the model and the reward have loaded
     scorer = AsyncReward(reward_fn)  # rewards run on a background thread while the next batch samples
     checker = checker_for(prompts) and AsyncReward(checker_for(prompts))  # the tiny world's faithfulness, logged
     step_loss = rwr_step_loss if s.algo.startswith("rwr") else ddpo_step_loss

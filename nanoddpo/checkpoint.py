@@ -6,8 +6,8 @@ Training checkpoints: runs/<name>/checkpoints/step_<N>/, written by train.py, re
     step_<N>/optimizer.safetensors  AdamW moments;  rng.safetensors  torch RNG states
     step_<N>/state.json           epoch, step, base model, settings, per-prompt reward buffers, optimizer settings
 
-    <run>/settings.json           the settings, written when the run starts: even a run killed before its first
-                                  checkpoint can be resumed (from epoch 0)
+    <run>/settings.json           the settings, written once the model and the reward have loaded: even a run
+                                  killed before its first checkpoint can be resumed (from epoch 0)
     <run>/metrics.jsonl           a line per epoch
 
 Tensors are safetensors and everything else JSON, never pickles. A checkpoint is written to a hidden temp folder and
@@ -124,17 +124,23 @@ def resume(ckpt, sd, optimizer):
 
 
 def start_run(run_dir, s, rank):
-    """One run, one folder: a fresh run never writes into another run's folder, and its settings are saved at once,
-    so a run killed before its first checkpoint can still be resumed (from epoch 0)."""
+    """One run, one folder: a fresh run never writes into another run's folder. Checked before the model loads, so a
+    name already taken or a folder that cannot be written fails at once."""
     if rank == 0 and not s.resume and any((run_dir / f).exists() for f in ("settings.json", "metrics.jsonl")):
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or start a new one "
                          f"with another --name")
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if rank == 0 and not s.resume:
-            save_json(dict(settings=dataclasses.asdict(s)), run_dir / "settings.json")
     except OSError as e:
         raise UsageError(f"cannot write to {run_dir} ({e.strerror}); choose another folder with --out-dir") from None
+
+
+def save_settings(run_dir, s, rank):
+    """settings.json, once the model and the reward have loaded (a file that fails to load leaves no run behind to
+    block its --name) and before the first epoch, so that a run killed before its first checkpoint can still be
+    resumed (from epoch 0)."""
+    if rank == 0 and not s.resume:
+        save_json(dict(settings=dataclasses.asdict(s)), run_dir / "settings.json")
 
 
 def forget_after(metrics_path, start_epoch):

@@ -20,6 +20,7 @@ import platform
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -142,14 +143,24 @@ def keep_freed_memory(device="cpu"):
 
 def run(prog, main, out_of_memory="use smaller batches"):
     """Run main(); input the user can fix ends in one line on stderr and exit code 1, and so does running out of
-    memory, with `out_of_memory` saying what to lower."""
+    memory, with `out_of_memory` saying what to lower. nanoddpo's own warnings are one line too ("prog: warning: ...")."""
     from nanoddpo.model import LoadError
 
-    try:
-        return main()
-    except (UsageError, LoadError) as e:
-        sys.exit(f"{prog}: error: {e}")
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not is_out_of_memory(e):
-            raise
-        sys.exit(f"{prog}: error: out of memory ({first_line(e)}): {out_of_memory}")
+    ours = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent)  # nanoddpo/ and the scripts
+    with warnings.catch_warnings():  # restores the warning printer on the way out
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if category is UserWarning and Path(filename).resolve().parent in ours:  # ours, for the user: as an error
+                print(f"{prog}: warning: {message}", file=sys.stderr)
+            else:  # a library's: where it came from helps
+                show(message, category, filename, lineno, file, line)
+        warnings.showwarning = one_line
+        try:
+            return main()
+        except (UsageError, LoadError) as e:
+            sys.exit(f"{prog}: error: {e}")
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            sys.exit(f"{prog}: error: out of memory ({first_line(e)}): {out_of_memory}")

@@ -12,6 +12,7 @@ where they are read.
     train.py: error: --timestep-fraction 1.5: must be in (0, 1]
 """
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,6 +110,9 @@ def check_settings(s, world=1, given=()):
          f"must divide the samples per epoch ({d.samples_per_epoch})")
     if s.lr == 0:
         warnings.warn("--lr 0: the model will not change (useful only to measure)")
+    if s.threads > (os.cpu_count() or 1):  # each thread spins on a core of its own: oversubscribed, torch crawls
+        warnings.warn(f"--threads {s.threads}: more than this machine's {os.cpu_count()} CPU cores makes torch slower, "
+                      f"not faster (0: one thread per core)")
     return s
 
 

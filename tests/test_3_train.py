@@ -1,9 +1,11 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -369,6 +371,10 @@ def test_one_run_one_folder(tmp_path, tiny_model_dir):
     first = run(tmp_path, tiny_model_dir, name="r", epochs=1)
     with pytest.raises(train.UsageError, match="already holds a run: continue it with --resume"):
         run(tmp_path, tiny_model_dir, name="r", epochs=1)
+    (tmp_path / "junk.safetensors").write_text("junk")  # a model that fails to load leaves no run to block its name
+    with pytest.raises(model.LoadError, match="is not a safetensors file"):
+        run(tmp_path, tmp_path / "junk.safetensors", name="r2", epochs=1)
+    assert not (tmp_path / "r2" / "settings.json").exists()
     killed = tmp_path / "killed"
 
     def interrupted(*args, **kw):
@@ -663,6 +669,18 @@ def test_bad_settings_fail_in_one_line(args, message, command_line):
     status, err = command_line("train.py", args)
     assert status != 0 and message in err and "Traceback" not in err, err
     assert err.strip().count("\n") == 0 and err.startswith("train.py: error: ")
+
+
+def test_more_threads_than_cores_is_a_one_line_warning(monkeypatch, command_line):
+    # at 1000 threads on 2 cores, sampling took 40x as long
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.parse_settings(["--threads", "4"])
+    status, err = command_line("train.py", ["--threads", "5", "--prompts", "/nonexistent.txt"])
+    assert status == 1 and err.splitlines()[0] == ("train.py: warning: --threads 5: more than this machine's 4 CPU "
+                                                   "cores makes torch slower, not faster (0: one thread per core)"), err
+    assert err.splitlines()[1].startswith("train.py: error: --prompts") and len(err.splitlines()) == 2
 
 
 def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, command_line, monkeypatch):
