@@ -83,6 +83,8 @@ def main(args):
         need(ckpt == "base" or Path(ckpt).is_dir(), "ckpt", ckpt, "no such checkpoint or run folder")
         if ckpt != "base" and checkpoints_of(Path(ckpt)):  # a run folder stands for its latest checkpoint
             ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
+        need(ckpt == "base" or Path(ckpts[i], "state.json").is_file(), "ckpt", ckpt, "holds no checkpoint: give a run "
+             "folder with checkpoints/step_<N>, or a step_<N> folder")  # now, not after the rows before it
     args.model = str(resolve_model(args.model or trained(ckpts, "base_model", None)))  # the one they were trained on
     print(f"base model: {args.model}")
     seeds = args.seeds or list(range(args.per_prompt))

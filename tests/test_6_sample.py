@@ -182,6 +182,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
     (["--device", "cuda:9"], "--device cuda:9: no such GPU"),
     (["--model", "no/such/model"], "no/such/model does not exist"),
     (["--ckpt", "runs/nope"], "--ckpt runs/nope: no such checkpoint or run folder"),
+    (["--ckpt", "base", "runs/demo/checkpoints"], "--ckpt runs/demo/checkpoints: holds no checkpoint: give a run folder"),
     (["--reward", "beauty"], "unknown reward 'beauty'; choose one of: jpeg"),
     (["--reward", "tinyworld", "--prompts", "a cat"], "1 of 1 prompts are not, e.g. 'a cat'"),
 ]
@@ -190,6 +191,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
 @pytest.mark.parametrize("args, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_exit_with_one_clear_line(workdir, tiny_model_dir, args, message, command_line, monkeypatch):
     monkeypatch.chdir(workdir)
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     status, err = command_line(str(SAMPLE), ["--model", tiny_model_dir, *args])
     assert status == 1 and message in err and "Traceback" not in err, err
     assert err.startswith("sample.py: error: ") and err.strip().count("\n") == 0
