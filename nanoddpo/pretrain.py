@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nanoddpo import world
+from nanoddpo.cli import check_output, run
 from nanoddpo.ddim import DDIM, sample
 from nanoddpo.images import to_uint8
 from nanoddpo.model import StableDiffusion, load_tokenizer, save_json
@@ -258,6 +259,7 @@ def size_mb(folder):
 
 def main(argv=None):
     args = get_args(argv)
+    check_output(args.out, "out")  # now, not after half an hour of training
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -316,4 +318,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run("nanoddpo.pretrain", main)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nanoddpo import world
+from nanoddpo.cli import UsageError
 from nanoddpo.rewards import get_reward
 
 TINY = Path(__file__).resolve().parent.parent / "weights" / "tiny"
@@ -161,3 +162,6 @@ def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     assert 0 <= results["checker_on_samples"]["all"] <= 1 and (out / "samples.png").is_file()
     with pytest.raises(SystemExit):
         pretrain.get_args(["--eval_samples", "0"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="--out .*file: is a file: give a folder"):  # before training, not after
+        pretrain.main(["--out", str(tmp_path / "file")])
