@@ -437,15 +437,14 @@ def main(s, resume_ckpt=None):
                 state = dict(epoch=epoch + 1, global_step=global_step, settings=dataclasses.asdict(s),
                              stat_buffers=tracker.buffers)
                 save_checkpoint(run_dir, sd, s.lora, optimizer, state, s.keep_checkpoints)
-    scorer.close()
-    if checker:
-        checker.close()
-    ranks.close()
+    for worker in filter(None, (scorer, checker, ranks)):  # the reward threads, torchrun's process group
+        worker.close()
     ranks.log(f"done: {run_dir}")
     return sd
 
 
 if __name__ == "__main__":
-    cli.run("train.py", lambda: main(*parse_settings()), out_of_memory="halve --train-batch-size and double "
-            "--grad-accum, or halve --batch-size and double --batches-per-epoch (the same updates either way; README: "
-            "SD v1-4 in 4.3 GB); --resume <run folder> goes on from its last checkpoint")
+    go_on = "--resume <run folder> goes on from its last checkpoint"
+    cli.run("train.py", lambda: main(*parse_settings()), interrupted=go_on, out_of_memory="halve --train-batch-size "
+            "and double --grad-accum, or halve --batch-size and double --batches-per-epoch (the same updates either "
+            f"way; README: SD v1-4 in 4.3 GB); {go_on}")

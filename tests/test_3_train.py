@@ -701,6 +701,14 @@ def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, command_lin
         command_line("train.py", ["--out-dir", tmp_path / "bug"])
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, command_line, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", interrupted)
+    status, err = command_line("train.py", ["--out-dir", tmp_path])
+    assert status == 130 and err.strip() == "train.py: interrupted: --resume <run folder> goes on from its last checkpoint"
+
+
 def test_bad_prompts_fail_before_the_model_loads(tmp_path, command_line, monkeypatch):
     monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     files = {"dict.json": '{"a": "red cat"}', "numbers.json": "[1, 2]", "empty.txt": "\n  \n"}
