@@ -16,7 +16,8 @@ AdamW with clip_grad_norm_):
 
 Each figure is printed as ours, the baseline (diffusers' UNet2DConditionModel with its default attention, sharing our
 weight tensors; LoRA through diffusers + peft) and ours / baseline. Variants: precisions (fp32 weights, bf16 / fp16 by
-autocast) x compile modes; a variant that fails prints why and the bench goes on. Results: runs/bench/<time>.json.
+autocast) x compile modes; a variant that fails prints why and the bench goes on. Results: runs/bench/<time>.json,
+rewritten after every row, so that a bench cut short (Ctrl-C, a time limit) keeps what it measured.
 
 Sizes: on CUDA 64 x 64 latents (512 px), sampling batch 16 and train batch 8 as train.py's sd14 preset, 50 steps,
 every precision, and the compile modes eager, default, reduce-overhead and max-autotune.
@@ -339,8 +340,8 @@ def mfu(forward_flops, train_flops, num_steps, samples, steps_trained, seconds, 
 class Table:
     COLUMNS = f"{'what':<42} {'variant':<22} {'ours':>11} {'baseline':>11} {'ratio':>6} {'peak GB':>15} {'MFU':>11}"
 
-    def __init__(self, peak_tflops):
-        self.rows, self.peak_tflops = [], peak_tflops
+    def __init__(self, peak_tflops, save=lambda rows: None):
+        self.rows, self.peak_tflops, self.save = [], peak_tflops, save
         print(self.COLUMNS)
         print("-" * len(self.COLUMNS))
 
@@ -351,6 +352,7 @@ class Table:
         row = dict(what=what, variant=variant, unit=unit, ours=ours, baseline=baseline, ratio=ratio,
                    ours_peak_gb=peaks[0], baseline_peak_gb=peaks[1], mfu_ours=mfu[0], mfu_baseline=mfu[1], error=error)
         self.rows.append(row)
+        self.save(self.rows)  # after every row: a bench cut short (Ctrl-C, a time limit) keeps what it measured
         num = lambda v: "-" if v is None else f"{v:.3f} s" if unit == "s" else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
         gb = lambda v: "-" if v is None else f"{v:.1f}"
         pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
@@ -423,7 +425,7 @@ def measure(table, a, device, what, variant, ours_fn, base_fn, unet_batch, flops
     return row
 
 
-def run(a, device, heap):
+def run(a, device, heap, save=lambda rows: None):
     cuda = device.type == "cuda"
     sd, base, base_note = build_models(a, device)
     nhwc = "/NHWC" if a.channels_last else ""  # in each variant's name
@@ -448,7 +450,7 @@ def run(a, device, heap):
             x.old_log_prob = log_prob_of_step(sd.unet, ddim, x.x_t, x.x_prev, x.t, x.context, x.negative_context)
     # FLOPs per UNet call at the sampling and training batches (FLOPs are linear in the batch)
     flops = (image_flops(sd) * 2 * a.batch, image_flops(sd) * 2 * a.train_batch) if cuda else (None, None)
-    table = Table(peak_tflops)
+    table = Table(peak_tflops, save)
     variants = [(p, m) for p in a.precisions for m in a.compile_modes]
 
     def callables(precision, mode):
@@ -559,6 +561,7 @@ def run(a, device, heap):
 
 
 def main(argv=None):
+    path = None
     try:
         a = parse_args(argv)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
@@ -566,20 +569,24 @@ def main(argv=None):
         if a.threads:
             torch.set_num_threads(a.threads)
         heap = keep_freed_memory(device)  # as train.py and sample.py run; on a CPU it moves figures up to 2x
-        rows, _ = run(a, device, heap)
+        path = Path(a.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+        record = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      threads=torch.get_num_threads(), torch=torch.__version__, load_average=os.getloadavg(),
+                      allocator=heap, settings=vars(a))
+
+        def save(rows):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(record, rows=rows), indent=2, default=str))
+        save(run(a, device, heap, save)[0])
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted; " + (f"the figures measured so far are in {path}" if path and path.exists() else
+                                            "nothing was measured yet"))
     except (LoadError, ValueError) as e:
         sys.exit(f"bench: error: {e}")
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
         sys.exit(f"bench: error: out of memory building SD v1-4 at {a.latent} x {a.latent} latents ({first_line(e)})")
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    record = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", threads=torch.get_num_threads(),
-                  torch=torch.__version__, load_average=os.getloadavg(), allocator=heap,
-                  settings=vars(a), rows=rows)
-    path.write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {path}")
     return path
 
