@@ -54,6 +54,9 @@ def resume_settings(cls, given):
     saved = state["settings"]
     unknown = set(saved) - {f.name for f in dataclasses.fields(cls)}
     cli.need(not unknown, "resume", run, f"saved by another version of train.py (settings {sorted(unknown)})")
+    for field in ("name", "out_dir"):  # the run goes on where it is: a new folder given here would be ignored
+        cli.need(field not in given, field, given.get(field), f"--resume goes on in the run's own folder, {run}: "
+                 f"leave it out")
     for field in ("preset", "lora") + ("lora_rank",) * saved["lora"]:
         cli.need(given.get(field, saved[field]) == saved[field], field, given.get(field),
                  f"the run trains with --{field.replace('_', '-')} {saved[field]}")

@@ -384,6 +384,8 @@ def test_one_run_one_folder(tmp_path, tiny_model_dir):
         run(tmp_path, tiny_model_dir, name="killed", epochs=1)
     s, ckpt = train.parse_settings(["--resume", str(killed)])
     assert ckpt is None and s.epochs == 1 and s.model == str(tiny_model_dir)
+    with pytest.raises(train.UsageError, match="--name elsewhere: --resume goes on in the run's own folder, "):
+        train.parse_settings(["--resume", str(killed), "--name", "elsewhere"])
     train.main(s, ckpt)
     a = load_file(first / "checkpoints" / "step_2" / "unet.safetensors")
     b = load_file(killed / "checkpoints" / "step_2" / "unet.safetensors")
