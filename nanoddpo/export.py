@@ -90,6 +90,7 @@ def write_diffusers_folder(sd, out, scheduler_config):
 def export(run, out, step=None, base=None, single_file=False):
     """Write the run's checkpoint (the latest, or step `step`) under `out`; returns the paths written."""
     ckpt = find_checkpoint(run, step)
+    given = base
     with readable(ckpt):  # damaged or missing: one line naming the checkpoint
         base = base or json.loads((ckpt / "state.json").read_text())["base_model"]
     label = f"{Path(run).resolve().name}-{ckpt.name.replace('_', '')}"  # <name>-step<N>
@@ -107,6 +108,8 @@ def export(run, out, step=None, base=None, single_file=False):
                                                   "nanoddpo_base_model": str(base)})
         print(f"wrote {path}: LoRA on {len(tensors) // 3} attention projections, rank {rank}, alpha {rank} (scale 1)")
         return [path]
+    if not given and not Path(base).exists():  # moved, or the run came from another machine
+        raise LoadError(f"{ckpt} was trained on {base}, which is not there: pass --model with where it is now")
     sd = StableDiffusion.from_pretrained(base)
     apply_checkpoint(sd, ckpt)
     folder = out / label

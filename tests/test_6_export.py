@@ -108,6 +108,19 @@ def test_export_takes_the_latest_checkpoint_unless_a_step_is_given(tiny_model_di
     assert export(run, tmp_path / "out", step=3)[0].name == "two-step3-lora.safetensors"
 
 
+def test_a_base_model_that_moved_is_needed_only_by_a_full_export(tiny_model_dir, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    make_run(base, tmp_path / "runs" / "full", lora=False)
+    make_run(base, tmp_path / "runs" / "lora", lora=True)
+    shutil.rmtree(base)  # moved, or the runs were copied from another machine
+    with pytest.raises(LoadError, match=r"step_3 was trained on .*base, which is not there: pass --model with where it is"):
+        export(tmp_path / "runs" / "full", tmp_path / "out")
+    assert export(tmp_path / "runs" / "full", tmp_path / "out", base=tiny_model_dir)[0].is_dir()
+    assert export(tmp_path / "runs" / "lora", tmp_path / "out")[0].is_file()  # a LoRA file names its base, loads none
+
+
 def test_full_export_keeps_the_base_models_scheduler(tiny_model_dir, tmp_path):
     """The exported folder samples with the noise schedule of the base model it was trained from, not SD v1's."""
     import json

@@ -147,6 +147,13 @@ def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     assert "Traceback" not in out.stderr
 
 
+def test_a_base_model_that_moved_is_one_line_that_says_to_pass_model(workdir, command_line, monkeypatch):
+    monkeypatch.chdir(workdir)  # runs/demo's checkpoints were trained on "tiny", which is not in workdir
+    status, err = command_line(str(SAMPLE), ["--ckpt", "runs/demo", "--steps", "1"])
+    assert status == 1 and err.strip() == ("sample.py: error: the checkpoints were trained on tiny, which is not there: "
+                                           "pass --model with where it is now")
+
+
 def test_damaged_checkpoint_is_one_line_that_names_it(workdir, tiny_model_dir, command_line):
     sd = StableDiffusion.from_pretrained(tiny_model_dir)
     damaged = write_checkpoint(workdir / "elsewhere/damaged/checkpoints/step_1", sd.unet.state_dict(), sd.fingerprint)
