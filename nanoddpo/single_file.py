@@ -263,12 +263,14 @@ def save_single_file(sd, path, metadata=None):
 
 def main(argv):
     """`python -m nanoddpo.single_file FILE`: what the file holds, network by network."""
-    from nanoddpo.cli import UsageError
-    if len(argv) != 1:
-        raise UsageError("give one file: python -m nanoddpo.single_file model.safetensors")
-    refuse_unsupported(argv[0])
+    from nanoddpo.cli import Parser
+    parser = Parser(description="What a single-file SD 1.x checkpoint holds, network by network, and whether it has "
+                    "an EMA copy (the one nanoddpo reads).")
+    parser.add_argument("file", help="a .safetensors file in the original SD 1.x layout")
+    path = parser.parse_args(argv).file
+    refuse_unsupported(path)
     cfgs = [read_config(SD_V1 / f"{name}_config.json") for name in ("unet", "vae")]
-    entries, has_ema = split_entries(argv[0], build(UNet, cfgs[0], "unet"), build(VAE, cfgs[1], "vae"))
+    entries, has_ema = split_entries(path, build(UNet, cfgs[0], "unet"), build(VAE, cfgs[1], "vae"))
     for name, found in entries.items():
         print(f"{name}: {len(found)} tensors")
     print("EMA copy present: reading model_ema.*" if has_ema else "one UNet copy: model.diffusion_model.*")

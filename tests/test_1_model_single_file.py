@@ -220,3 +220,17 @@ def test_later_sd_version_folders_are_refused(tiny_model_dir, tmp_path, change):
     (root / "unet" / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(LoadError, match="features of a later SD version.*nanoddpo builds SD v1.x UNets"):
         StableDiffusion.from_pretrained(root)
+
+
+def test_inspecting_a_file_counts_each_networks_tensors(tiny_file, capsys):
+    from nanoddpo.cli import UsageError
+    from nanoddpo.single_file import main
+
+    main([str(tiny_file)])  # python -m nanoddpo.single_file FILE
+    keys = load_file(tiny_file).keys()
+    count = lambda prefix: sum(k.startswith(prefix) for k in keys)
+    assert capsys.readouterr().out.splitlines() == [
+        f"unet: {count('model.diffusion_model.')} tensors", f"vae: {count('first_stage_model.')} tensors",
+        f"text_encoder: {count('cond_stage_model.')} tensors", "one UNet copy: model.diffusion_model.*"]
+    with pytest.raises(UsageError, match="the following arguments are required: file"):
+        main([])
