@@ -114,8 +114,8 @@ def is_out_of_memory(e):
 
 
 def first_line(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+    text = (str(e).strip().splitlines() or [""])[0].removeprefix(f"{type(e).__name__}: ")  # some repeat their name
+    return f"{type(e).__name__}: {text[:160]}"
 
 
 def keep_freed_memory(device="cpu"):
@@ -162,6 +162,8 @@ def run(prog, main, out_of_memory="use smaller batches", interrupted=""):
         except (UsageError, LoadError) as e:
             sys.exit(f"{prog}: error: {e}")
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if type(e).__name__ == "BackendCompilerFailed":  # torch.compile's, e.g. no C++ compiler on a CPU machine
+                sys.exit(f"{prog}: error: torch.compile failed ({first_line(e.inner_exception)}): run with --compile off")
             if not is_out_of_memory(e):
                 raise
             sys.exit(f"{prog}: error: out of memory ({first_line(e)}): {out_of_memory}")
