@@ -104,11 +104,13 @@ def check_settings(s, world=1, given=()):
     need(d.samples_per_epoch <= 10**6, "batch_size", f"{d.samples_per_epoch} samples per epoch (x --batches-per-epoch "
          f"{s.batches_per_epoch} x {world} process(es)): an epoch keeps every trajectory for training; at most "
          f"1,000,000")
+    divisor_below = lambda n, cap: max(k for k in range(1, min(cap, n) + 1) if n % k == 0)  # the largest that fits
     need(d.local_samples % s.train_batch_size == 0, "train_batch_size", f"must divide the samples per epoch per "
-         f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples})")
-    fits = max(k for k in range(1, min(d.grad_accum, d.train_batches) + 1) if d.train_batches % k == 0)  # below it
+         f"process ({s.batch_size} x {s.batches_per_epoch} = {d.local_samples}); --train-batch-size "
+         f"{divisor_below(d.local_samples, s.train_batch_size)} would")
     need(d.train_batches % d.grad_accum == 0, "grad_accum", f"must divide the {d.train_batches} train batches per "
-         f"epoch (samples per epoch per process / --train-batch-size); --grad-accum {fits} would")
+         f"epoch (samples per epoch per process / --train-batch-size); --grad-accum "
+         f"{divisor_below(d.train_batches, d.grad_accum)} would")
     need(d.samples_per_epoch % s.images_per_prompt == 0, "images_per_prompt",
          f"must divide the samples per epoch ({d.samples_per_epoch})")
     if s.lr == 0:

@@ -650,7 +650,10 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--save-every", "0"], "--save-every 0: must be at least 1"),
     (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:7"], "--device cuda:7: no such GPU"),
-    (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "--train-batch-size 2: must divide"),
+    (["--batch-size", "5", "--batches-per-epoch", "1", "--train-batch-size", "2"], "--train-batch-size 2: must divide "
+     "the samples per epoch per process (5 x 1 = 5); --train-batch-size 1 would"),
+    (["--batch-size", "48"], "--train-batch-size 32: must divide the samples per epoch per process (48 x 5 = 240); "
+     "--train-batch-size 30 would"),  # the largest below it
     (["--grad-accum", "3"], "--grad-accum 3: must divide the 10 train batches per epoch (samples per epoch per process / "
                              "--train-batch-size); --grad-accum 2 would"),
     (["--grad-accum", "12"], "--grad-accum 12: must divide the 10 train batches per epoch (samples per epoch per "
