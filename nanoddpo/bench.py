@@ -32,7 +32,6 @@ On CPU 16 x 16 latents (128 px), batch 1 (UNet batch 2), 2 trajectories of 4 DDI
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import types
@@ -41,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from nanoddpo.cli import (Parser, check_device, check_output, first_line, is_out_of_memory, keep_freed_memory, need,
-                          number)
+from nanoddpo import cli
+from nanoddpo.cli import (Parser, UsageError, check_device, check_output, first_line, is_out_of_memory,
+                          keep_freed_memory, need, number)
 from nanoddpo.ddim import DDIM, guided_eps, log_prob_of_step, sample
 from nanoddpo.lora import add_lora, lora_parameters
 from nanoddpo.cpu_layers import torch_layers
-from nanoddpo.model import COMPONENTS, LoadError, StableDiffusion, load_tokenizer
+from nanoddpo.model import COMPONENTS, StableDiffusion, load_tokenizer
 from nanoddpo.world import write_tokenizer
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "RTX 4090": 165}  # dense bf16
@@ -120,12 +120,12 @@ def fill_defaults(a, cuda):
     a.parts = a.parts.split(",")
     bad = [p for p in a.precisions if p not in DTYPES]
     if bad:
-        raise ValueError(f"unknown precision {bad[0]!r}; choose from {', '.join(DTYPES)}")
+        raise UsageError(f"unknown precision {bad[0]!r}; choose from {', '.join(DTYPES)}")
     bad = [p for p in a.parts if p not in PARTS]
     if bad:
-        raise ValueError(f"unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
+        raise UsageError(f"unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
     if a.trajectories % a.batch or a.trajectories % a.train_batch:
-        raise ValueError(f"--trajectories {a.trajectories} must be a multiple of --batch and --train-batch")
+        raise UsageError(f"--trajectories {a.trajectories} must be a multiple of --batch and --train-batch")
     return a
 
 
@@ -561,34 +561,31 @@ def run(a, device, heap, save=lambda rows: None):
 
 
 def main(argv=None):
-    path = None
-    try:
+    """The bench from the command line; returns the JSON's path. Bad input, running out of memory while building the
+    model and Ctrl-C end in one line (nanoddpo/cli.py's run); a variant that runs out of memory is a row of the table."""
+    path = []  # the results file, once there is one
+
+    def bench():
         a = parse_args(argv)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
         fill_defaults(a, device.type == "cuda")
         if a.threads:
             torch.set_num_threads(a.threads)
         heap = keep_freed_memory(device)  # as train.py and sample.py run; on a CPU it moves figures up to 2x
-        path = Path(a.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.append(Path(a.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}.json")
         record = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       threads=torch.get_num_threads(), torch=torch.__version__, load_average=os.getloadavg(),
                       allocator=heap, settings=vars(a))
 
         def save(rows):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dict(record, rows=rows), indent=2, default=str))
+            path[0].parent.mkdir(parents=True, exist_ok=True)
+            path[0].write_text(json.dumps(dict(record, rows=rows), indent=2, default=str))
         save(run(a, device, heap, save)[0])
-    except KeyboardInterrupt:
-        sys.exit("bench: interrupted; " + (f"the figures measured so far are in {path}" if path and path.exists() else
-                                            "nothing was measured yet"))
-    except (LoadError, ValueError) as e:
-        sys.exit(f"bench: error: {e}")
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        sys.exit(f"bench: error: out of memory building SD v1-4 at {a.latent} x {a.latent} latents ({first_line(e)})")
-    print(f"wrote {path}")
-    return path
+        print(f"wrote {path[0]}")
+        return path[0]
+    return cli.run("bench", bench, out_of_memory="lower --latent (the bench builds SD v1-4 at full size)",
+                   interrupted=lambda: f"the figures measured so far are in {path[0]}" if path and path[0].exists()
+                   else "nothing was measured yet")
 
 
 if __name__ == "__main__":

@@ -143,8 +143,9 @@ def keep_freed_memory(device="cpu"):
 
 def run(prog, main, out_of_memory="use smaller batches", interrupted=""):
     """Run main(); input the user can fix ends in one line on stderr and exit code 1, and so does running out of
-    memory, with `out_of_memory` saying what to lower. Ctrl-C is one line too, with `interrupted` saying how to go on
-    (exit code 130, as a shell reports it), and so are nanoddpo's own warnings ("prog: warning: ...")."""
+    memory, with `out_of_memory` saying what to lower. Ctrl-C is one line too, with `interrupted` (a text, or a
+    function giving it then) saying how to go on, exit code 130 as a shell reports it; and so are nanoddpo's own warnings
+    ("prog: warning: ...")."""
     from nanoddpo.model import LoadError
 
     ours = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent)  # nanoddpo/ and the scripts
@@ -168,5 +169,6 @@ def run(prog, main, out_of_memory="use smaller batches", interrupted=""):
                 raise
             sys.exit(f"{prog}: error: out of memory ({first_line(e)}): {out_of_memory}")
         except KeyboardInterrupt:  # not the traceback of wherever the loop happened to be
+            interrupted = interrupted() if callable(interrupted) else interrupted
             print(f"\n{prog}: interrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
             sys.exit(130)
