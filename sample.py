@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoddpo.cli import (IMAGE_SUFFIXES, Parser, UsageError, check_device, check_output, keep_freed_memory, need, number,
-                          run)
-from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, readable
+from nanoddpo.cli import IMAGE_SUFFIXES, Parser, check_device, check_output, keep_freed_memory, need, number, run
+from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, readable, trained_base
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.model import StableDiffusion, resolve_model
@@ -86,11 +85,8 @@ def main(args):
             ckpts[i] = str(checkpoints_of(Path(ckpt))[-1])
         need(ckpt == "base" or Path(ckpts[i], "state.json").is_file(), "ckpt", ckpt, "holds no checkpoint: give a run "
              "folder with checkpoints/step_<N>, or a step_<N> folder")  # now, not after the rows before it
-    trained_on = trained(ckpts, "base_model", None)  # the base model they were trained on, by default
-    if not args.model and trained_on and not Path(trained_on).exists():  # moved, or the runs came from another machine
-        raise UsageError(f"the checkpoints were trained on {trained_on}, which is not there: pass --model with where "
-                         f"it is now")
-    args.model = str(resolve_model(args.model or trained_on))
+    trained_on = trained(ckpts, "base_model", None)  # by default, the base model they were trained on
+    args.model = str(resolve_model(args.model or (trained_on and trained_base(trained_on, "the checkpoints were"))))
     print(f"base model: {args.model}")
     seeds = args.seeds or list(range(args.per_prompt))
     if None in (args.steps, args.eta, args.guidance):

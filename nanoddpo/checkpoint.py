@@ -88,6 +88,14 @@ def run_state(run):
     return state, ckpts[-1] if ckpts else None
 
 
+def trained_base(base, what):
+    """`base`, the model that `what` ("the checkpoints were", "<checkpoint> was") trained on as state.json names it,
+    or a line saying to pass --model when it is not there any more (moved, or the runs copied from another machine)."""
+    if not Path(base).exists():
+        raise LoadError(f"{what} trained on {base}, which is not there: pass --model with where it is now")
+    return base
+
+
 def apply_checkpoint(sd, ckpt):
     """Put a checkpoint's weights into sd.unet (adding LoRA layers for a LoRA checkpoint). Returns its state.json."""
     ckpt = Path(ckpt)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, readable
+from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, readable, trained_base
 from nanoddpo.cli import Parser, check_output, number, run
 from nanoddpo.model import LoadError, StableDiffusion, save_json, save_safetensors
 from nanoddpo.single_file import SD_V1, save_single_file
@@ -90,9 +90,9 @@ def write_diffusers_folder(sd, out, scheduler_config):
 def export(run, out, step=None, base=None, single_file=False):
     """Write the run's checkpoint (the latest, or step `step`) under `out`; returns the paths written."""
     ckpt = find_checkpoint(run, step)
-    given = base
     with readable(ckpt):  # damaged or missing: one line naming the checkpoint
-        base = base or json.loads((ckpt / "state.json").read_text())["base_model"]
+        trained_on = None if base else json.loads((ckpt / "state.json").read_text())["base_model"]
+    base = base or trained_on
     label = f"{Path(run).resolve().name}-{ckpt.name.replace('_', '')}"  # <name>-step<N>
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +108,7 @@ def export(run, out, step=None, base=None, single_file=False):
                                                   "nanoddpo_base_model": str(base)})
         print(f"wrote {path}: LoRA on {len(tensors) // 3} attention projections, rank {rank}, alpha {rank} (scale 1)")
         return [path]
-    if not given and not Path(base).exists():  # moved, or the run came from another machine
-        raise LoadError(f"{ckpt} was trained on {base}, which is not there: pass --model with where it is now")
-    sd = StableDiffusion.from_pretrained(base)
+    sd = StableDiffusion.from_pretrained(trained_base(base, f"{ckpt} was") if trained_on else base)
     apply_checkpoint(sd, ckpt)
     folder = out / label
     scheduler = Path(base) / "scheduler" / "scheduler_config.json"
