@@ -22,6 +22,7 @@ import sys
 import types
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanoddpo import bench
 from nanoddpo.ddim import DDIM, log_prob_of_step
@@ -35,6 +36,10 @@ for v in variants:
         sys.exit(f"profile_lora_call.py: a variant is eager or compiled with suffixes -nhwc, -forced (compiled only), "
                  f"-flash, as in compiled-forced-flash; got {v}")
 device = torch.device("cuda")
+# Every variant compiles afresh. With inductor's caches on, a second compile in this process (after _dynamo.reset) of the
+# same UNet is a cache hit and keeps the first variant's attention kernels: on the fifth lent H200, "compiled-flash"
+# ran cuDNN's attention like "compiled" (the same on a CPU: sdpa_kernel(FLASH_ATTENTION) ran MATH's bmm after MATH).
+torch._inductor.config.force_disable_caches = True
 sd, _, _ = bench.build_models(types.SimpleNamespace(model="", latent=64, no_baseline=True), device)
 sd.unet.to(torch.bfloat16)
 torch.manual_seed(0)
@@ -48,16 +53,23 @@ flops = bench.image_flops(sd, train=True) * 2 * B
 peak = next((v for k, v in bench.PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; LoRA training call at UNet batch {2 * B}")
 
+def flash_only(call):
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return call()
+    return run
+
+
 results = {}
 for variant in variants:
     torch._dynamo.reset()
     options = variant.split("-")[1:]
     torch._inductor.config.force_layout_optimization = "forced" in options
     sd.unet.to(memory_format=torch.channels_last if "nhwc" in options else torch.contiguous_format)
-    torch.backends.cuda.enable_cudnn_sdp("flash" not in options)  # read when the call is traced, so set before it
-    torch.backends.cuda.enable_mem_efficient_sdp("flash" not in options)
     unet = sd.unet if variant.startswith("eager") else torch.compile(sd.unet, dynamic=False)
     call = bench.training_call(unet, ddim, x, params, autocast)
+    if "flash" in options:  # the backend is chosen when the call is traced, so the first call must see it too
+        call = flash_only(call)
     seconds, peak_gb = bench.timed(call, 5, device)
     results[variant] = round(1000 * seconds, 2)
     mfu = f"{flops / seconds / (peak * 1e12):.1%}" if peak else "-"
