@@ -53,6 +53,7 @@ flops = bench.image_flops(sd, train=True) * 2 * B
 peak = next((v for k, v in bench.PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; LoRA training call at UNet batch {2 * B}")
 
+
 def flash_only(call):
     def run():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
