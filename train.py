@@ -364,6 +364,11 @@ def main(s, resume_ckpt=None):
             warnings.warn(f"epoch {epoch}: {int((~np.isfinite(rewards)).sum())} image(s) got a NaN/inf reward and are "
                           f"left out of the update")
         advantages = compute_advantages(s, tracker, list(all_prompts.flat), rewards).reshape(all_prompts.shape)
+        alike = np.ptp(rewards[np.isfinite(rewards)]) == 0
+        if alike or not advantages.any():  # a z-score of equal rewards is 0: no image is better than another
+            warnings.warn(f"epoch {epoch}: every image scored the same as " + ("all the others" if alike else
+                          "the others of its prompt (every advantage is 0)") + ", so this epoch has nothing to learn "
+                          f"from: check that --reward {s.reward} tells images apart")
         e = SimpleNamespace(  # this rank's samples
             latents=torch.cat([t.latents for t in trajs]),  # (N, T+1, C, h, w)
             old_log_probs=torch.cat([t.log_probs for t in trajs]) if s.eta else None,  # (N, T); eta 0 (RWR): none

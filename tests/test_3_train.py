@@ -541,6 +541,16 @@ def test_nan_rewards_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkey
         run(tmp_path, tiny_model_dir, name="all", reward="all-nan", epochs=1)
 
 
+def test_a_constant_reward_says_so(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "const", lambda: lambda images, prompts: np.full(len(images), 0.5))
+    with pytest.warns(UserWarning, match="epoch 0: every image scored the same as all the others, so this epoch has nothing"):
+        run(tmp_path, tiny_model_dir, name="r", reward="const", epochs=1)
+    by_prompt = lambda images, prompts: np.array([len(p) for p in prompts], dtype=float)  # noqa: E731
+    monkeypatch.setitem(rewards.REWARDS, "prompt-length", lambda: by_prompt)  # equal within each prompt
+    with pytest.warns(UserWarning, match=r"epoch 0: every image scored the same as the others of its prompt \(every advantage is 0\)"):
+        run(tmp_path, tiny_model_dir, name="p", reward="prompt-length", epochs=1, images_per_prompt=2)
+
+
 def test_nan_weights_stop_the_run_before_they_are_saved(tmp_path, tiny_model_dir, monkeypatch):
     def nan_loss(s, unet, base_unet, ddim, e, rows, step, gen):
         zero = torch.zeros(())
