@@ -9,7 +9,9 @@ checkpoint, export, data-parallel, tiny-world and sample.py code, then 10 of 50 
 settings, loop and sampler, with the two that made a second process train other pairs than one process would) got
 the test that catches them. (The other six of those 50 passed and were left out: they change nothing a run computes,
 or only a log line, a grid's prompts, or the order of an epoch's prompts.) The bench's seven (MFU, trajectories per
-hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted.
+hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted. pretrain.py (which makes
+weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
+were written; the eleven planted there were then caught.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -35,6 +37,7 @@ TESTS = {  # which tests guard which file
     "nanoddpo/plot.py": ["tests/test_6_plot.py"],
     "nanoddpo/bench.py": ["tests/test_6_bench.py"],
     "nanoddpo/world.py": ["tests/test_5_world.py"],
+    "nanoddpo/pretrain.py": ["tests/test_5_world.py"],
     "sample.py": ["tests/test_6_sample.py"],
     # The tests of these modules that do not need all of train.py's (a minute and a half): by name
     "nanoddpo/lora.py": ["tests/test_6_export.py", "tests/test_6_sample.py::test_lora_checkpoint_row",
@@ -301,6 +304,21 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "order = torch.randperm(d.local_samples, generator=gen)"),
  ("train.py", "(e.world, len(x0)), generator=gen)[e.rank]", "(e.world, len(x0)), generator=gen)[0]"),
  ("train.py", "torch.randn((e.world, *x0.shape), generator=gen)[e.rank]", "torch.randn((e.world, *x0.shape), generator=gen)[0]"),
+ # pretrain.py, which makes weights/tiny: its schedules, the VAE's prior and moments, the latent scale, the objective
+ ("nanoddpo/pretrain.py", "return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))",
+  "return 0.1 + 0.5 * (1 + math.cos(math.pi * progress))"),
+ ("nanoddpo/pretrain.py", "return (step + 1) / warmup", "return step / warmup"),
+ ("nanoddpo/pretrain.py", "return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()",
+  "return (mean**2 + logvar.exp() - 1 - logvar).mean()"),
+ ("nanoddpo/pretrain.py", "logvar.exp() - 1 - logvar).mean()", "logvar.exp() - 1 + logvar).mean()"),
+ ("nanoddpo/pretrain.py", "return min(cap, (1 + step) / (10 + step))", "return min(cap, (1 + step) / (1 + step))"),
+ ("nanoddpo/pretrain.py", "mean, logvar = caught[0].chunk(2, dim=1)", "logvar, mean = caught[0].chunk(2, dim=1)"),
+ ("nanoddpo/pretrain.py", "return mean, logvar.clamp(-30, 20)", "return mean, logvar"),
+ ("nanoddpo/pretrain.py", "scaling_factor = float(1 / latents.std())", "scaling_factor = float(latents.std())"),
+ ("nanoddpo/pretrain.py", "t, context), noise)", "t, context), z0)"),
+ ("nanoddpo/pretrain.py", "stds.append((0.5 * logvar).exp())", "stds.append(logvar.exp())"),
+ ("nanoddpo/pretrain.py", "latents = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)",
+  "latents = latent_mean"),
 ]
 
 

@@ -148,6 +148,8 @@ def test_bundled_model_draws_what_it_is_asked():
 def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     """A few steps of every stage of nanoddpo/pretrain.py (the real run is 2500 UNet steps); the folder it writes
     must load like the published layout, and a short evaluation (fewer samples than one sheet row) must not fail."""
+    import torch
+
     from nanoddpo import pretrain
     from nanoddpo.model import StableDiffusion
 
@@ -156,8 +158,14 @@ def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
                    "--eval_samples", "8", "--eval_steps", "2", "--threads", "1"])
     sd = StableDiffusion.from_pretrained(out)
     assert sd.latent_shape == (4, 8, 8)
+    images, _ = world.random_dataset(160, seed=0)  # what it trained on: the scaling factor gives unit variance
+    with torch.no_grad():
+        mean, logvar = pretrain.vae_moments(sd.vae, pretrain.to_unit_range(images))
+    latents = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    assert (latents * sd.scaling_factor).std().item() == pytest.approx(1.0, abs=0.03)  # 1.21 unscaled
     assert json.loads((out / "prompts.json").read_text()) == list(world.PROMPTS)
-    assert all(" square " in p for p in json.loads((out / "squares.json").read_text()))
+    squares = json.loads((out / "squares.json").read_text())
+    assert len(squares) == 5 * 4 and all(" square " in p for p in squares)  # every colour on every background
     results = json.loads((out / "pretrain.json").read_text())["results"]
     assert 0 <= results["checker_on_samples"]["all"] <= 1 and (out / "samples.png").is_file()
     with pytest.raises(SystemExit):
@@ -165,3 +173,87 @@ def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="--out .*file: is a file: give a folder"):  # before training, not after
         pretrain.main(["--out", str(tmp_path / "file")])
+
+
+def test_pretrain_schedules_and_the_vae_prior():
+    import math
+
+    import torch
+    from torch.distributions import Normal, kl_divergence
+
+    from nanoddpo.pretrain import ema_decay, lr_at, vae_kl
+
+    # linear warm-up over 10 of 110 steps, then a cosine from the peak down to a tenth of it
+    assert [lr_at(s, 110, 10) for s in (0, 4, 9, 10)] == [0.1, 0.5, 1.0, 1.0]
+    assert lr_at(60, 110, 10) == pytest.approx(0.55) and lr_at(110, 110, 10) == pytest.approx(0.1)
+    assert lr_at(35, 110, 10) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    # the weight average moves fast at first and settles at its cap
+    assert [ema_decay(s, 0.998) for s in (0, 8)] == [0.1, 0.5]
+    assert ema_decay(2499, 0.998) == pytest.approx(2500 / 2509) and ema_decay(10**6, 0.998) == 0.998
+    gen = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    expected = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).mean()
+    assert vae_kl(mean, logvar).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_pretraining_predicts_the_noise_of_sds_forward_process():
+    import torch
+
+    from nanoddpo.ddim import DDIM
+    from nanoddpo.pretrain import denoising_loss
+
+    ddim, gen = DDIM(), torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 250, 600, 999])
+    alpha_bar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
+    a = alpha_bar[t].float().view(-1, 1, 1, 1)
+
+    def oracle(z_t, t, context):  # knows z0: recovers the noise from z_t = sqrt(a) z0 + sqrt(1 - a) noise
+        return (z_t - a.sqrt() * z0) / (1 - a).sqrt()
+    assert denoising_loss(oracle, ddim, z0, t, noise, None).item() < 1e-9
+    zeros = lambda z_t, t, context: torch.zeros_like(z_t)  # noqa: E731
+    assert denoising_loss(zeros, ddim, z0, t, noise, None).item() == pytest.approx(noise.pow(2).mean().item())
+
+
+def test_vae_moments_are_the_encoders_gaussian(tiny_model_dir):
+    import torch
+
+    from nanoddpo.model import StableDiffusion
+    from nanoddpo.pretrain import vae_moments
+
+    vae = StableDiffusion.from_pretrained(tiny_model_dir).vae
+    with torch.no_grad():  # a log-variance beyond SD's clamp in one channel, so the clamp is seen at work
+        vae.quant_conv.bias[5] = 40.0
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen = []  # what goes into quant_conv: its 2C output channels are (mean, log-variance)
+    vae.quant_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    mean, logvar = vae_moments(vae, x)
+    h = vae.quant_conv(seen[0])
+    torch.testing.assert_close(mean, vae.encode(x), rtol=0, atol=0)
+    torch.testing.assert_close(mean, h[:, :4])
+    torch.testing.assert_close(logvar, h[:, 4:].clamp(-30, 20))
+    assert logvar[:, 1].max() == 20
+
+
+@needs_weights
+def test_the_bundled_model_is_what_pretrain_makes():
+    """`python -m nanoddpo.pretrain --out weights/tiny --threads 1` re-creates weights/tiny (docs/RESULTS.md): the
+    committed run's settings are today's defaults, its configs today's, and its latents have unit variance."""
+    import torch
+
+    from nanoddpo import pretrain
+    from nanoddpo.model import StableDiffusion
+
+    saved = json.loads((TINY / "pretrain.json").read_text())["settings"]
+    defaults = vars(pretrain.get_args(["--threads", "1"]))
+    assert {k: v for k, v in saved.items() if k != "out"} == {k: v for k, v in defaults.items() if k != "out"}
+    for folder, cfg in (("unet", pretrain.UNET), ("vae", pretrain.VAE), ("text_encoder", pretrain.TEXT)):
+        written = json.loads((TINY / folder / "config.json").read_text())
+        assert {k: written[k] for k in cfg} == cfg, folder
+    assert json.loads((TINY / "scheduler" / "scheduler_config.json").read_text()) == pretrain.SCHEDULER
+    sd = StableDiffusion.from_pretrained(TINY)
+    images, _ = world.random_dataset(400, seed=0)  # the first 400 of the 20,000 it trained on
+    with torch.no_grad():
+        mean, logvar = pretrain.vae_moments(sd.vae, pretrain.to_unit_range(images))
+    latents = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    assert (latents * sd.scaling_factor).std().item() == pytest.approx(1.0, abs=0.02)
