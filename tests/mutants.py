@@ -11,7 +11,8 @@ the test that catches them. (The other six of those 50 passed and were left out:
 or only a log line, a grid's prompts, or the order of an epoch's prompts.) The bench's seven (MFU, trajectories per
 hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted. pretrain.py (which makes
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
-were written; the eleven planted there were then caught.
+were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
+errors were missed and got a test.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -319,6 +320,13 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/pretrain.py", "stds.append((0.5 * logvar).exp())", "stds.append(logvar.exp())"),
  ("nanoddpo/pretrain.py", "latents = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)",
   "latents = latent_mean"),
+ # plot.py: the curve's x axis, the trade-off's paired differences and their standard errors, the y axis's direction
+ ("nanoddpo/plot.py", 'seen += m["samples"]', 'seen = m["samples"]'),
+ ("nanoddpo/plot.py", 'gain = np.subtract(jpeg[ckpt], jpeg["base"])', 'gain = np.subtract(jpeg["base"], jpeg[ckpt])'),
+ ("nanoddpo/plot.py", 'lost = np.subtract(world["base"], world[ckpt])', 'lost = np.subtract(world[ckpt], world["base"])'),
+ ("nanoddpo/plot.py", "d.std(ddof=1) / np.sqrt(len(d))", "d.std(ddof=0) / np.sqrt(len(d))"),
+ ("nanoddpo/plot.py", "d.std(ddof=1) / np.sqrt(len(d))", "d.std(ddof=1) / len(d)"),
+ ("nanoddpo/plot.py", "py = lambda y: H - bottom - (y - y0)", "py = lambda y: top + (y - y0)"),
 ]
 
 

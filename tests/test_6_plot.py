@@ -71,3 +71,20 @@ def test_tradeoff_puts_each_checkpoint_at_its_paired_gain_and_loss(tmp_path, com
     # x 70..540, y 30..395 px, with 10% margins around the data range x 0..0.1, y 0..0.5.
     assert img.getpixel((501, 365)) == rgb[0]
     assert img.getpixel((109, 60)) == rgb[1]
+
+
+def test_tradeoff_points_are_paired_means_with_their_standard_errors(tmp_path):
+    import statistics
+
+    from nanoddpo.plot import read_tradeoff
+    base_jpeg, jpeg = [-1.30, -1.20, -1.25, -1.40], [-1.22, -1.19, -1.15, -1.31]
+    base_world, world = [1.0, 2 / 3, 1.0, 1 / 3], [2 / 3, 2 / 3, 1.0, 0.0]
+    scores = {"jpeg": {"base": base_jpeg, "runs/a/checkpoints/step_5": jpeg},
+              "tinyworld": {"base": base_world, "runs/a/checkpoints/step_5": world}}
+    (tmp_path / "scores.json").write_text(json.dumps(dict(scores=scores)))
+    gain = [c - b for b, c in zip(base_jpeg, jpeg)]  # smaller files: the jpeg reward is -kB
+    lost = [b - c for b, c in zip(base_world, world)]
+    se = lambda d: statistics.stdev(d) / len(d) ** 0.5  # noqa: E731  the sample SD (n - 1) over sqrt(n)
+    expected = (statistics.mean(gain), statistics.mean(lost), se(gain), se(lost))
+    assert list(read_tradeoff(tmp_path / "scores.json")) == ["a"]
+    assert read_tradeoff(tmp_path / "scores.json")["a"] == pytest.approx(expected, rel=1e-12)
