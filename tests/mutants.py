@@ -32,7 +32,8 @@ TESTS = {  # which tests guard which file
     "nanoddpo/cli.py": ["tests/test_6_bench.py"],
     "nanoddpo/images.py": ["tests/test_4_rewards.py"],
     "nanoddpo/learned_rewards.py": ["tests/test_4_rewards.py"],
-    "nanoddpo/prompts.py": ["tests/test_4_prompts.py"],
+    "nanoddpo/prompts.py": ["tests/test_4_prompts.py",
+                            "tests/test_3_train.py::test_prompts_are_drawn_evenly_and_in_groups"],
     "nanoddpo/single_file.py": ["tests/test_1_model_single_file.py"],
     "nanoddpo/export.py": ["tests/test_6_export.py"],
     "nanoddpo/plot.py": ["tests/test_6_plot.py"],
@@ -327,6 +328,17 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/plot.py", "d.std(ddof=1) / np.sqrt(len(d))", "d.std(ddof=0) / np.sqrt(len(d))"),
  ("nanoddpo/plot.py", "d.std(ddof=1) / np.sqrt(len(d))", "d.std(ddof=1) / len(d)"),
  ("nanoddpo/plot.py", "py = lambda y: H - bottom - (y - y0)", "py = lambda y: top + (y - y0)"),
+ # rewards, prompts and the world's reward: two of the fifteen planted were missed and got tests (a reward one short,
+ # and the grids' prompts spread over the list); these are those two and four of the others
+ ("nanoddpo/rewards.py", "if scores.shape != (len(images),):", "if scores.ndim != 1:"),
+ ("nanoddpo/prompts.py", "return prompts[:: max(1, len(prompts) // n)][:n]", "return prompts[:n]"),
+ ("nanoddpo/rewards.py", "def jpeg_incompressibility(images, prompts=None):\n    return jpeg_kb(images)",
+  "def jpeg_incompressibility(images, prompts=None):\n    return -jpeg_kb(images)"),
+ ("nanoddpo/rewards.py", "self.pool.submit(self.reward, np.array(images, copy=True), list(prompts))",
+  "self.pool.submit(self.reward, images, prompts)"),
+ ("nanoddpo/prompts.py", "passes = -(-n // images_per_prompt // len(prompts))", "passes = n // images_per_prompt // len(prompts)"),
+ ("nanoddpo/world.py", "scores.append(np.mean([found[k] == v for k, v in wanted.items()]))",
+  "scores.append(float(all(found[k] == v for k, v in wanted.items())))"),
 ]
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from nanoddpo.prompts import PROMPTS, PromptError, animals_activities, imagenet_animals, load_prompts, simple_animals
+from nanoddpo.prompts import (PROMPTS, PromptError, animals_activities, imagenet_animals, load_prompts, simple_animals,
+                              spread)
 
 
 def test_prompt_sets():
@@ -18,6 +19,11 @@ def test_prompt_sets():
     assert "a ant riding a bike" not in activities
     assert all(p.split()[0] in ("a", "an") for p in activities)
     assert PROMPTS["simple_animals"]() == animals and PROMPTS["animals_activities"]() == activities
+
+
+def test_spread_takes_prompts_evenly_over_the_list():  # the prompts of train.py's grids and sample.py's default
+    assert spread(list("abcdefghij")) == list("aceg") and spread(list("abcdefgh"), 2) == list("ae")
+    assert spread(list("abc")) == list("abc")
 
 
 def test_prompt_sets_are_the_papers_word_for_word():

@@ -75,6 +75,8 @@ def as_tensor(images, prompts):
     return torch.ones(len(images), dtype=torch.float16)
 def wrong_shape(images, prompts):
     return np.zeros((len(images), 1))
+def one_short(images, prompts):
+    return np.zeros(len(images) - 1)
 def integers(images, prompts):
     return np.zeros(len(images), dtype=np.int64)
 def strings(images, prompts):
@@ -105,6 +107,7 @@ def test_custom_reward_from_a_file(custom_file):
 
 @pytest.mark.parametrize("function, error, message", [
     ("wrong_shape", UsageError, r"my_reward.py:wrong_shape returned shape \(3, 1\) for 3 images; expected a float array"),
+    ("one_short", UsageError, r"my_reward.py:one_short returned shape \(2,\) for 3 images; expected a float array"),
     ("integers", UsageError, r"my_reward.py:integers returned ndarray of dtype int64; expected a float array of shape \(3,\)"),
     ("strings", UsageError, r"my_reward.py:strings returned list of dtype <U4"),
     ("broken", UsageError, r"my_reward.py:broken raised ZeroDivisionError: division by zero"),
