@@ -134,20 +134,25 @@ def resume(ckpt, sd, optimizer):
 def start_run(run_dir, s, rank):
     """One run, one folder: a fresh run never writes into another run's folder. Checked before the model loads, so a
     name already taken or a folder that cannot be written fails at once."""
-    if rank == 0 and not s.resume and any((run_dir / f).exists() for f in ("settings.json", "metrics.jsonl")):
+    if rank > 0 or s.resume:
+        return
+    if any((run_dir / f).exists() for f in ("settings.json", "metrics.jsonl")):
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or start a new one "
                          f"with another --name")
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    try:  # made and removed again: save_settings makes it once the model has loaded
+        made = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if made:
+            run_dir.rmdir()
     except OSError as e:
         raise UsageError(f"cannot write to {run_dir} ({e.strerror}); choose another folder with --out-dir") from None
 
 
 def save_settings(run_dir, s, rank):
-    """settings.json, once the model and the reward have loaded (a file that fails to load leaves no run behind to
-    block its --name) and before the first epoch, so that a run killed before its first checkpoint can still be
-    resumed (from epoch 0)."""
+    """settings.json, once the model and the reward have loaded (a file that fails to load leaves no run folder behind)
+    and before the first epoch, so that a run killed before its first checkpoint can still be resumed (from epoch 0)."""
     if rank == 0 and not s.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_json(dict(settings=dataclasses.asdict(s)), run_dir / "settings.json")
 
 
