@@ -51,7 +51,8 @@ TESTS = {  # which tests guard which file
                                "tests/test_6_sample.py::test_default_checkpoint_is_the_newest_runs_latest",
                                *(f"tests/test_3_train.py::test_{name}" for name in (
                                    "resume_continues_exactly", "resume_forgets_the_metrics_of_the_epochs_it_reruns",
-                                   "checkpoints_keep_the_newest_and_resume_gives_back_the_optimizer_and_rng"))],
+                                   "checkpoints_keep_the_newest_and_resume_gives_back_the_optimizer_and_rng",
+                                   "one_run_one_folder"))],
     "nanoddpo/distributed.py": [f"tests/test_3_train.py::test_{name}" for name in (
         "gather_is_in_batch_rank_image_order_and_gradients_are_averaged", "two_processes_train_as_one")],
 }
@@ -339,6 +340,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/prompts.py", "passes = -(-n // images_per_prompt // len(prompts))", "passes = n // images_per_prompt // len(prompts)"),
  ("nanoddpo/world.py", "scores.append(np.mean([found[k] == v for k, v in wanted.items()]))",
   "scores.append(float(all(found[k] == v for k, v in wanted.items())))"),
+ ("nanoddpo/checkpoint.py", "        if made:\n            run_dir.rmdir()\n", ""),
 ]
 
 
