@@ -204,8 +204,8 @@ def policy_loss(s, log_prob, old_log_prob, advantages):
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1 - s.clip_range, 1 + s.clip_range)
         pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    # Both are nearly all the penultimate DDIM step (t = 21 -> 1 of 50): its Gaussian is the narrowest for how far eps
-    # moves its mean, so one change of eps moves it ~70x as far in KL as a middle step (docs/RESULTS.md, kl_by_step.py).
+    # approx_kl is nearly all the penultimate DDIM step (t = 21 -> 1 of 50), which is also clipped almost always: its
+    # Gaussian is the narrowest for how far eps moves its mean, ~70x a middle step's KL (docs/RESULTS.md, kl_by_step.py).
     approx_kl = 0.5 * (log_ratio**2).mean()  # KL(p_old || p_theta) per latent dim (the log-prob is a mean), to watch
     clipfrac = ((ratio - 1).abs() > s.clip_range).float().mean()
     return pg_loss, approx_kl.detach(), clipfrac.detach()
