@@ -152,7 +152,7 @@ def save_settings(run_dir, s, rank):
     """settings.json, once the model and the reward have loaded (a file that fails to load leaves no run folder behind)
     and before the first epoch, so that a run killed before its first checkpoint can still be resumed (from epoch 0)."""
     if rank == 0 and not s.resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_json(dict(settings=dataclasses.asdict(s)), run_dir / "settings.json")
 
 
