@@ -114,14 +114,12 @@ PRESETS = {
     # Every epoch samples each of the 80 prompts 4 times (320 samples), so each prompt's rewards are z-scored against
     # its own from the first epoch: JPEG sizes differ far more between prompts (striped vs plain) than within one.
     # Its latents are 8x8x4 = 256 dims, not 16,384, so the clip range that gives SD's trust region on the true ratio
-    # is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on 64-wide attention is too small to move this model in
-    # minutes.
+    # is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on 64-wide attention is too small to move it in minutes.
     "tiny": dict(num_steps=10, batch_size=64, batches_per_epoch=5, images_per_prompt=4, train_batch_size=32,
                  grad_accum=2, timestep_fraction=0.5, epochs=10, lr=3e-4, clip_range=6.4e-3, lora=False,
                  stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4),
-    # SD v1-4 with LoRA on one GPU: the paper's 256 samples per epoch and 4 optimizer steps per epoch via accumulation.
-    # Batches of 16 and 8 rather than the authors' 8 and 4: the same updates, 1.21x the trajectories per hour on an H200
-    # (compiled), 12.3 GB peak; --batch-size 8 --batches-per-epoch 32 --train-batch-size 1 --grad-accum 64: 4.3 GB.
+    # SD v1-4 with LoRA on one GPU: the paper's 256 samples and 4 optimizer steps per epoch, via accumulation. Batches
+    # of 16 and 8, not the authors' 8 and 4: the same updates, 1.21x the trajectories per hour on an H200, 12.3 GB peak.
     "sd14": dict(num_steps=50, batch_size=16, batches_per_epoch=16, train_batch_size=8, grad_accum=8, epochs=100,
                  lora=True, lr=3e-4),
 }
@@ -204,9 +202,8 @@ def policy_loss(s, log_prob, old_log_prob, advantages):
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1 - s.clip_range, 1 + s.clip_range)
         pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-    # approx_kl is nearly all the penultimate DDIM step (t = 21 -> 1 of 50), which is also clipped almost always: its
-    # Gaussian is the narrowest for how far eps moves its mean, ~70x a middle step's KL (docs/RESULTS.md, kl_by_step.py).
-    approx_kl = 0.5 * (log_ratio**2).mean()  # KL(p_old || p_theta) per latent dim (the log-prob is a mean), to watch
+    # KL(p_old || p_theta) per latent dim, to watch: nearly all of it the next-to-last step's (docs/RESULTS.md)
+    approx_kl = 0.5 * (log_ratio**2).mean()
     clipfrac = ((ratio - 1).abs() > s.clip_range).float().mean()
     return pg_loss, approx_kl.detach(), clipfrac.detach()
 
@@ -271,9 +268,6 @@ def base_model(sd, unet, lora, dtype):
     frozen = copy.deepcopy(sd.unet).requires_grad_(False)
     frozen.apply(lambda m: m.to(dtype) if isinstance(m, (nn.Conv2d, nn.Linear)) else None)
     return frozen if unet is sd.unet else torch.compile(frozen, dynamic=False)
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(s, resume_ckpt=None):
@@ -359,16 +353,14 @@ def main(s, resume_ckpt=None):
 
         # --- 2. rewards of the whole epoch -> advantages of this rank's samples -------------------------------------
         rewards = ranks.gather(local_rewards, s.batches_per_epoch)
-        cli.need(np.isfinite(rewards).any(), "reward", s.reward, f"NaN or inf for every image of epoch {epoch}")
-        if not np.isfinite(rewards).all():
-            warnings.warn(f"epoch {epoch}: {int((~np.isfinite(rewards)).sum())} image(s) got a NaN/inf reward and are "
-                          f"left out of the update")
+        ok = rewards[np.isfinite(rewards)]  # the rewards that count
+        cli.need(len(ok), "reward", s.reward, f"NaN or inf for every image of epoch {epoch}")
+        if len(ok) < len(rewards):
+            warnings.warn(f"epoch {epoch}: {len(rewards) - len(ok)} image(s) with a NaN/inf reward are not trained on")
         advantages = compute_advantages(s, tracker, list(all_prompts.flat), rewards).reshape(all_prompts.shape)
-        alike = np.ptp(rewards[np.isfinite(rewards)]) == 0
-        if alike or not advantages.any():  # a z-score of equal rewards is 0: no image is better than another
-            warnings.warn(f"epoch {epoch}: every image scored the same as " + ("all the others" if alike else
-                          "the others of its prompt (every advantage is 0)") + ", so this epoch has nothing to learn "
-                          f"from: check that --reward {s.reward} tells images apart")
+        if np.ptp(ok) == 0 or not advantages.any():  # equal rewards z-score to 0
+            warnings.warn(f"epoch {epoch}: the images scored alike (all, or those of each prompt), so this epoch has "
+                          f"nothing to learn from: check that --reward {s.reward} tells images apart")
         e = SimpleNamespace(  # this rank's samples
             latents=torch.cat([t.latents for t in trajs]),  # (N, T+1, C, h, w)
             old_log_probs=torch.cat([t.log_probs for t in trajs]) if s.eta else None,  # (N, T); eta 0 (RWR): none
@@ -419,7 +411,6 @@ def main(s, resume_ckpt=None):
         # --- log, show, save (rank 0 only, and nothing in here waits for the other ranks) -------------------------
         if ranks.rank == 0:
             loss, approx_kl, clipfrac = (stats / (d.train_batches * d.inner_epochs * d.timesteps_trained)).tolist()
-            ok = rewards[np.isfinite(rewards)]
             m = dict(epoch=epoch, global_step=global_step, reward_mean=float(ok.mean()), reward_std=float(ok.std()),
                      loss=loss, approx_kl=approx_kl, clipfrac=clipfrac, kl_to_base=kl, samples=len(ok),
                      sample_s=round(t_sample, 2), reward_s=round(t_reward, 2), train_s=round(t_train, 2), kl_s=round(t_kl, 2),
