@@ -51,6 +51,7 @@ def counting_step(self, *args, **kwargs):
 
 def recording_kl_to_base(s, unet, base_unet, ddim, e, gen):
     kl = ddim.kl  # kl_to_base draws one step per trajectory and averages ddim.kl over them: keep each with its t
+
     def recording_kl(eps, eps_base, t, x_t, eta=1.0):
         out = kl(eps, eps_base, t, x_t, eta)
         for step, value in zip(t.tolist(), out.tolist()):
