@@ -145,11 +145,23 @@ def test_bundled_model_draws_what_it_is_asked():
     assert world.tinyworld_reward(images, prompts).mean() > 0.7  # 0.94 when made
 
 
+def scaled_latent_std(sd, n):
+    """Std of the latents, times the model's scaling factor, of the first n images a pretrain run with seed 0 trains
+    on (one draw from each image's latent Gaussian): 1 if the scaling factor is right."""
+    import torch
+
+    from nanoddpo import pretrain
+
+    images, _ = world.random_dataset(n, seed=0)
+    with torch.no_grad():
+        mean, logvar = pretrain.vae_moments(sd.vae, pretrain.to_unit_range(images))
+    latents = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    return (latents * sd.scaling_factor).std().item()
+
+
 def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     """A few steps of every stage of nanoddpo/pretrain.py (the real run is 2500 UNet steps); the folder it writes
     must load like the published layout, and a short evaluation (fewer samples than one sheet row) must not fail."""
-    import torch
-
     from nanoddpo import pretrain
     from nanoddpo.model import StableDiffusion
 
@@ -158,11 +170,7 @@ def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
                    "--eval_samples", "8", "--eval_steps", "2", "--threads", "1"])
     sd = StableDiffusion.from_pretrained(out)
     assert sd.latent_shape == (4, 8, 8)
-    images, _ = world.random_dataset(160, seed=0)  # what it trained on: the scaling factor gives unit variance
-    with torch.no_grad():
-        mean, logvar = pretrain.vae_moments(sd.vae, pretrain.to_unit_range(images))
-    latents = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
-    assert (latents * sd.scaling_factor).std().item() == pytest.approx(1.0, abs=0.03)  # 1.21 unscaled
+    assert scaled_latent_std(sd, 160) == pytest.approx(1.0, abs=0.03)  # what it trained on; 1.21 unscaled
     assert json.loads((out / "prompts.json").read_text()) == list(world.PROMPTS)
     squares = json.loads((out / "squares.json").read_text())
     assert len(squares) == 5 * 4 and all(" square " in p for p in squares)  # every colour on every background
@@ -239,8 +247,6 @@ def test_vae_moments_are_the_encoders_gaussian(tiny_model_dir):
 def test_the_bundled_model_is_what_pretrain_makes():
     """`python -m nanoddpo.pretrain --out weights/tiny --threads 1` re-creates weights/tiny (docs/RESULTS.md): the
     committed run's settings are today's defaults, its configs today's, and its latents have unit variance."""
-    import torch
-
     from nanoddpo import pretrain
     from nanoddpo.model import StableDiffusion
 
@@ -252,8 +258,4 @@ def test_the_bundled_model_is_what_pretrain_makes():
         assert {k: written[k] for k in cfg} == cfg, folder
     assert json.loads((TINY / "scheduler" / "scheduler_config.json").read_text()) == pretrain.SCHEDULER
     sd = StableDiffusion.from_pretrained(TINY)
-    images, _ = world.random_dataset(400, seed=0)  # the first 400 of the 20,000 it trained on
-    with torch.no_grad():
-        mean, logvar = pretrain.vae_moments(sd.vae, pretrain.to_unit_range(images))
-    latents = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
-    assert (latents * sd.scaling_factor).std().item() == pytest.approx(1.0, abs=0.02)
+    assert scaled_latent_std(sd, 400) == pytest.approx(1.0, abs=0.02)  # the first 400 of the 20,000 it trained on
