@@ -90,10 +90,9 @@ def main(argv):
           f"{'max |log-ratio|':>15} {'share of kl':>11} {'kl_to_base':>10} {'(draws)':>7} {'share':>6}")
     for j in range(s.num_steps):
         t = ddim.timesteps[j]
-        alpha_bar_t, alpha_bar_prev = ddim._alpha_bars(t, "cpu")
-        sigma = ddim.sigma(t, s.eta)
-        # x_prev_mean = sqrt(ab_prev) (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) + sqrt(1 - ab_prev - sigma^2) eps
-        slope = (1 - alpha_bar_prev - sigma**2).sqrt() - (alpha_bar_prev * (1 - alpha_bar_t) / alpha_bar_t).sqrt()
+        zero = torch.zeros(1, 1)  # the step's mean is affine in eps: its slope is mean(eps = 1) - mean(eps = 0)
+        (mean_1, sigma), (mean_0, _) = (ddim.mean_and_sigma(eps, t, zero, s.eta) for eps in (zero + 1, zero))
+        slope, sigma = (mean_1 - mean_0).item(), sigma.item()
         r = np.array(log_ratios[j]) if log_ratios[j] else np.zeros(1)
         kl = 0.5 * np.square(r)
         print(f"{j:>4} {int(t):>5} -> {max(int(t) - ddim.step_size, 0):>4} {sigma:>7.4f} {abs(slope) / sigma:>18.2f} "
