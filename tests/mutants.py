@@ -341,6 +341,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/world.py", "scores.append(np.mean([found[k] == v for k, v in wanted.items()]))",
   "scores.append(float(all(found[k] == v for k, v in wanted.items())))"),
  ("nanoddpo/checkpoint.py", "        if made:\n            run_dir.rmdir()\n", ""),
+ ("train.py", "if np.ptp(ok) == 0 or not advantages.any():", "if not advantages.any():"),
+ ("train.py", "if np.ptp(ok) == 0 or not advantages.any():", "if np.ptp(ok) == 0:"),
 ]
 
 

@@ -545,6 +545,8 @@ def test_a_constant_reward_says_so(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "const", lambda: lambda images, prompts: np.full(len(images), 0.5))
     with pytest.warns(UserWarning, match="epoch 0: the images scored alike .all, or those of each prompt., so this epoch has nothing to learn"):
         run(tmp_path, tiny_model_dir, name="r", reward="const", epochs=1)
+    with pytest.warns(UserWarning, match="epoch 0: the images scored alike"):  # RWR's weights are 1 then, not 0
+        run(tmp_path, tiny_model_dir, name="rwr", reward="const", epochs=1, algo="rwr")
     by_prompt = lambda images, prompts: np.array([len(p) for p in prompts], dtype=float)  # noqa: E731
     monkeypatch.setitem(rewards.REWARDS, "prompt-length", lambda: by_prompt)  # equal within each prompt
     with pytest.warns(UserWarning, match="epoch 0: the images scored alike"):
