@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from nanoddpo import cli
 from nanoddpo.bench import image_flops, mfu
-from nanoddpo.checkpoint import forget_after, resume, save_checkpoint, save_settings, start_run
+from nanoddpo.checkpoint import forget_after, how_to_go_on, resume, save_checkpoint, save_settings, start_run
 from nanoddpo.cli import UsageError, keep_freed_memory, settings_parser
 from nanoddpo.distributed import Ranks
 from nanoddpo.ddim import DDIM, guided_eps, sample
@@ -442,7 +442,7 @@ def main(s, resume_ckpt=None):
 
 
 if __name__ == "__main__":
-    go_on = "--resume <run folder> goes on from its last checkpoint"
-    cli.run("train.py", lambda: main(*parse_settings()), interrupted=go_on, out_of_memory="halve --train-batch-size "
-            "and double --grad-accum, or halve --batch-size and double --batches-per-epoch (the same updates either "
-            f"way; README: SD v1-4 in 4.3 GB); {go_on}")
+    s, resume_ckpt = cli.run("train.py", parse_settings)  # main() names the run in s: the folder to resume
+    cli.run("train.py", lambda: main(s, resume_ckpt), interrupted=lambda: how_to_go_on(s), out_of_memory=lambda:
+            "halve --train-batch-size and double --grad-accum, or halve --batch-size and double --batches-per-epoch "
+            f"(the same updates either way; README: SD v1-4 in 4.3 GB); {how_to_go_on(s)}")

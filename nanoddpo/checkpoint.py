@@ -156,6 +156,15 @@ def save_settings(run_dir, s, rank):
         save_json(dict(settings=dataclasses.asdict(s)), run_dir / "settings.json")
 
 
+def how_to_go_on(s):
+    """What to do after a run stopped early (Ctrl-C, out of memory): resume its folder once settings.json is written,
+    else nothing was saved and the same command starts it again."""
+    run_dir = Path(s.resume or Path(s.out_dir) / s.name) if s.resume or s.name else None
+    if run_dir and (run_dir / "settings.json").is_file():
+        return f"--resume {run_dir} goes on from its last checkpoint"
+    return "nothing was saved yet: the same command starts it again"
+
+
 def forget_after(metrics_path, start_epoch):
     """A resumed run reruns the epochs after its checkpoint: drop their lines so each epoch is logged once."""
     if metrics_path.exists():

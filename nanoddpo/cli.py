@@ -143,9 +143,9 @@ def keep_freed_memory(device="cpu"):
 
 def run(prog, main, out_of_memory="use smaller batches", interrupted=""):
     """Run main(); input the user can fix ends in one line on stderr and exit code 1, and so does running out of
-    memory, with `out_of_memory` saying what to lower. Ctrl-C is one line too, with `interrupted` (a text, or a
-    function giving it then) saying how to go on, exit code 130 as a shell reports it; and so are nanoddpo's own warnings
-    ("prog: warning: ...")."""
+    memory, with `out_of_memory` saying what to lower. Ctrl-C is one line too, with `interrupted` saying how to go on,
+    exit code 130 as a shell reports it; and so are nanoddpo's own warnings ("prog: warning: ..."). Both texts may be
+    functions, asked when they are needed (what to do next may depend on how far main() got)."""
     from nanoddpo.model import LoadError
 
     ours = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent)  # nanoddpo/ and the scripts
@@ -167,6 +167,7 @@ def run(prog, main, out_of_memory="use smaller batches", interrupted=""):
                 sys.exit(f"{prog}: error: torch.compile failed ({first_line(e.inner_exception)}): run with --compile off")
             if not is_out_of_memory(e):
                 raise
+            out_of_memory = out_of_memory() if callable(out_of_memory) else out_of_memory
             sys.exit(f"{prog}: error: out of memory ({first_line(e)}): {out_of_memory}")
         except KeyboardInterrupt:  # not the traceback of wherever the loop happened to be
             interrupted = interrupted() if callable(interrupted) else interrupted

@@ -708,6 +708,7 @@ def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, command_lin
     assert status == 1 and err.strip().count("\n") == 0, err
     assert err.startswith("train.py: error: out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate "
                           "20.00 GiB. GPU 0 has a total capacity): halve --train-batch-size and double --grad-accum")
+    assert err.rstrip().endswith("; nothing was saved yet: the same command starts it again"), err  # while loading
     def cublas(*args, **kwargs):  # CUDA libraries report it as a plain RuntimeError
         raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
     monkeypatch.setattr(train.StableDiffusion, "from_pretrained", cublas)
@@ -735,12 +736,22 @@ def test_a_failed_torch_compile_is_one_line_that_says_how_to_go_on(tmp_path, tin
                                                  "C++ compiler found): run with --compile off") and "Traceback" not in err, err
 
 
-def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, command_line, monkeypatch):
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path, tiny_model_dir, command_line, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", interrupted)
-    status, err = command_line("train.py", ["--out-dir", tmp_path])
-    assert status == 130 and err.strip() == "train.py: interrupted: --resume <run folder> goes on from its last checkpoint"
+    with monkeypatch.context() as patch:  # while the model loads: no run folder yet, nothing to resume
+        patch.setattr(train.StableDiffusion, "from_pretrained", interrupted)
+        status, err = command_line("train.py", ["--out-dir", tmp_path])
+    assert status == 130 and err.strip() == ("train.py: interrupted: nothing was saved yet: the same command starts "
+                                             "it again")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr("nanoddpo.ddim.sample", interrupted)  # while sampling: the run's own folder, named or not
+    new = ["--model", tiny_model_dir, "--out-dir", tmp_path]
+    for flags in (new, [*new, "--name", "mine"], ["--resume", tmp_path / "mine"]):  # resumed: its folder again
+        status, err = command_line("train.py", flags)
+        run_dir = tmp_path / "mine" if len(flags) > 4 or "--resume" in flags else next(tmp_path.glob("jpeg-ppo-*"))
+        assert status == 130, err
+        assert err.splitlines()[-1] == f"train.py: interrupted: --resume {run_dir} goes on from its last checkpoint"
 
 
 def test_bad_prompts_fail_before_the_model_loads(tmp_path, command_line, monkeypatch):
