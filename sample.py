@@ -93,8 +93,9 @@ def main(args):
         args.steps = trained(ckpts, "num_steps", 50) if args.steps is None else args.steps
         args.eta = trained(ckpts, "eta", 1.0) if args.eta is None else args.eta
         args.guidance = trained(ckpts, "guidance_scale", 5.0) if args.guidance is None else args.guidance
-        print(f"DDIM steps {args.steps}, eta {args.eta}, guidance {args.guidance}: as the checkpoints were trained "
-              f"(else 50, 1, 5); --steps, --eta and --guidance to change")
+        why = "as the checkpoints were trained (else 50, 1, 5)" if ckpts != ["base"] else "the defaults (no checkpoint)"
+        print(f"DDIM steps {args.steps}, eta {args.eta}, guidance {args.guidance}: {why}; --steps, --eta and --guidance "
+              f"to change")
     prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
     for name in args.reward or []:  # before the model loads
         check_reward(name, prompts)

@@ -308,7 +308,7 @@ def test_default_checkpoint_is_the_newest_runs_latest(tmp_path):
     assert latest_run_checkpoint(tmp_path / "runs") == tmp_path / "runs/a_new/checkpoints/step_2"
 
 
-def test_each_cell_is_its_prompt_and_seed_on_its_own_rows_model(workdir, tiny_model_dir, monkeypatch):
+def test_each_cell_is_its_prompt_and_seed_on_its_own_rows_model(workdir, tiny_model_dir, monkeypatch, capsys):
     """Column j shows prompt j // per_prompt at seed j % per_prompt (--per-prompt 2: seeds 0 and 1, as its help
     says), and each row is its own model alone: the base row after a checkpoint's row is, image for image, what
     ddim.sample draws from a freshly loaded base model. Sampling is at DDPO's published defaults (the authors'
@@ -338,9 +338,11 @@ def test_each_cell_is_its_prompt_and_seed_on_its_own_rows_model(workdir, tiny_mo
         calls.append(kw)
         raise SystemExit(0)
     monkeypatch.setattr(script, "sample", stop)
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # no checkpoint to take the steps from
         script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--ckpt", "base", "--out", "x.png"]))
     assert calls[-1]["num_steps"] == 50 and calls[-1]["eta"] == 1.0 and calls[-1]["guidance_scale"] == 5.0
+    assert "DDIM steps 50, eta 1.0, guidance 5.0: the defaults (no checkpoint);" in capsys.readouterr().out
 
 
 def test_paired_difference_is_the_mean_and_standard_error_of_per_image_differences(workdir, tiny_model_dir,
