@@ -3,7 +3,7 @@ Make the bundled tiny text-to-image model (weights/tiny) from scratch on a CPU, 
 
     python -m nanoddpo.pretrain --out weights/tiny --threads 2   # 30 min on an idle 2-core CPU; fixed seeds
     python -m nanoddpo.pretrain --out weights/tiny --threads 1   # ~40 min, bit-identical to the committed weights
-    python -m nanoddpo.pretrain --out /tmp/t --vae_steps 50 --unet_steps 50 --eval_samples 16   # a 1-minute smoke run
+    python -m nanoddpo.pretrain --out /tmp/t --vae-steps 50 --unet-steps 50 --eval-samples 16   # a 1-minute smoke run
 
 It is Stable Diffusion in miniature, trained the way SD was, one stage after the other:
   1. tokenizer: a CLIP-format BPE vocabulary in which every word of the world is one token (world.write_tokenizer);
@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nanoddpo import world
-from nanoddpo.cli import check_output, run
+from nanoddpo.cli import Parser, check_output, need, number, run
 from nanoddpo.ddim import DDIM, sample
 from nanoddpo.images import to_uint8
 from nanoddpo.model import StableDiffusion, load_tokenizer, save_json
@@ -73,30 +73,39 @@ MODEL_INDEX = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # errors: one line
     p.add_argument("--out", default="weights/tiny", help="model folder to write (published SD layout)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the training order")
-    p.add_argument("--images", type=int, default=20000, help="drawn training images (250 per caption)")
-    p.add_argument("--vae_steps", type=int, default=1200, help="VAE optimizer steps")
-    p.add_argument("--vae_batch", type=int, default=32, help="VAE batch size")
-    p.add_argument("--vae_lr", type=float, default=2e-3, help="VAE AdamW learning rate (cosine decay to 10%%)")
-    p.add_argument("--kl_weight", type=float, default=1e-4, help="weight of the KL term per latent element "
-                   "(reconstruction MSE is per pixel, images in [-1, 1])")
-    p.add_argument("--unet_steps", type=int, default=2500, help="UNet + text encoder optimizer steps")
-    p.add_argument("--batch", type=int, default=64, help="UNet batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder AdamW learning rate (cosine to 10%%)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps of both learning rates")
-    p.add_argument("--cfg_dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt")
-    p.add_argument("--ema", type=float, default=0.998, help="decay of the weight average that is saved")
-    p.add_argument("--eval_samples", type=int, default=320, help="samples drawn at the end to measure the model")
-    p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps (eta 1) of those samples")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of those samples")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default). On a "
-                   "machine shared with other jobs, 1 avoids threads waiting on each other and is often faster")
+
+    def flag(name, default, help):  # --vae-steps or --vae_steps; a whole or a finite number, as the default is
+        p.add_argument(*dict.fromkeys([f"--{name.replace('_', '-')}", f"--{name}"]), type=number(type(default)),
+                       default=default, help=help)
+    flag("seed", 0, "seeds the data, the initialisation and the training order")
+    flag("images", 20000, "drawn training images (250 per caption)")
+    flag("vae_steps", 1200, "VAE optimizer steps")
+    flag("vae_batch", 32, "VAE batch size")
+    flag("vae_lr", 2e-3, "VAE AdamW learning rate (cosine decay to 10%%)")
+    flag("kl_weight", 1e-4, "weight of the KL term per latent element (reconstruction MSE is per pixel, images in "
+         "[-1, 1])")
+    flag("unet_steps", 2500, "UNet + text encoder optimizer steps")
+    flag("batch", 64, "UNet batch size")
+    flag("lr", 1e-3, "UNet + text encoder AdamW learning rate (cosine to 10%%)")
+    flag("warmup", 100, "linear warm-up steps of both learning rates")
+    flag("cfg_dropout", 0.1, "fraction of captions replaced by the empty prompt")
+    flag("ema", 0.998, "decay of the weight average that is saved")
+    flag("eval_samples", 320, "samples drawn at the end to measure the model")
+    flag("eval_steps", 20, "DDIM steps (eta 1) of those samples")
+    flag("guidance", 5.0, "classifier-free guidance scale of those samples")
+    flag("threads", 0, "CPU threads for torch (0: torch's default). On a machine shared with other jobs, 1 avoids "
+         "threads waiting on each other and is often faster")
     args = p.parse_args(argv)
     for name in ("images", "vae_steps", "vae_batch", "unet_steps", "batch", "eval_samples", "eval_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+        need(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
+    for name in ("seed", "warmup", "kl_weight", "guidance", "threads"):
+        need(getattr(args, name) >= 0, name, getattr(args, name), "must be 0 or more")
+    for name in ("vae_lr", "lr"):
+        need(getattr(args, name) > 0, name, getattr(args, name), "must be above 0")
+    need(0 <= args.cfg_dropout <= 1, "cfg_dropout", args.cfg_dropout, "must be in [0, 1]")
+    need(0 <= args.ema < 1, "ema", args.ema, "must be in [0, 1): the share of the old average kept at each step")
     return args
 
 

@@ -176,8 +176,12 @@ def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     assert len(squares) == 5 * 4 and all(" square " in p for p in squares)  # every colour on every background
     results = json.loads((out / "pretrain.json").read_text())["results"]
     assert 0 <= results["checker_on_samples"]["all"] <= 1 and (out / "samples.png").is_file()
-    with pytest.raises(SystemExit):
-        pretrain.get_args(["--eval_samples", "0"])
+    for flags, message in ((["--eval_samples", "0"], "--eval-samples 0: must be at least 1"),
+                           (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr: nan: expected a "
+                           "finite number"), (["--cfg-dropout", "1.5"], "--cfg-dropout 1.5: must be in [0, 1]")):
+        with pytest.raises(UsageError) as error:  # one line each, before any work
+            pretrain.get_args(flags)
+        assert str(error.value).startswith(message), error.value
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="--out .*file: is a file: give a folder"):  # before training, not after
         pretrain.main(["--out", str(tmp_path / "file")])
