@@ -29,7 +29,9 @@ TESTS = {  # which tests guard which file
     "nanoddpo/rewards.py": ["tests/test_4_rewards.py"],
     "nanoddpo/model.py": ["tests/test_1_model.py"],
     "nanoddpo/cpu_layers.py": ["tests/test_1_model.py"],
-    "nanoddpo/cli.py": ["tests/test_6_bench.py"],
+    "nanoddpo/cli.py": ["tests/test_6_bench.py",
+                        "tests/test_3_train.py::test_ctrl_c_is_one_line_that_says_how_to_go_on",
+                        "tests/test_3_train.py::test_out_of_memory_is_one_line_that_says_what_to_lower"],
     "nanoddpo/images.py": ["tests/test_4_rewards.py"],
     "nanoddpo/learned_rewards.py": ["tests/test_4_rewards.py"],
     "nanoddpo/prompts.py": ["tests/test_4_prompts.py",
@@ -52,7 +54,7 @@ TESTS = {  # which tests guard which file
                                *(f"tests/test_3_train.py::test_{name}" for name in (
                                    "resume_continues_exactly", "resume_forgets_the_metrics_of_the_epochs_it_reruns",
                                    "checkpoints_keep_the_newest_and_resume_gives_back_the_optimizer_and_rng",
-                                   "one_run_one_folder"))],
+                                   "one_run_one_folder", "ctrl_c_is_one_line_that_says_how_to_go_on"))],
     "nanoddpo/distributed.py": [f"tests/test_3_train.py::test_{name}" for name in (
         "gather_is_in_batch_rank_image_order_and_gradients_are_averaged", "two_processes_train_as_one")],
 }
@@ -343,6 +345,10 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/checkpoint.py", "        if made:\n            run_dir.rmdir()\n", ""),
  ("train.py", "if np.ptp(ok) == 0 or not advantages.any():", "if not advantages.any():"),
  ("train.py", "if np.ptp(ok) == 0 or not advantages.any():", "if np.ptp(ok) == 0:"),
+ # what a stopped run says to do next, and pretrain.py's flags
+ ("nanoddpo/checkpoint.py", 'if run_dir and (run_dir / "settings.json").is_file():', "if run_dir:"),
+ ("nanoddpo/cli.py", "out_of_memory = out_of_memory() if callable(out_of_memory) else out_of_memory", "pass"),
+ ("nanoddpo/pretrain.py", "need(0 <= args.ema < 1,", "need(0 <= args.ema <= 1,"),
 ]
 
 
