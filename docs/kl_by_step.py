@@ -88,14 +88,12 @@ def main(argv):
     base_total = sum(sum(v) for v in kl_to_base.values())
     print(f"{'step':>4} {'t -> t_prev':>12} {'sigma':>7} {'|dmean/deps|/sigma':>18} {'approx_kl':>10} {'clipfrac':>8} "
           f"{'max |log-ratio|':>15} {'share of kl':>11} {'kl_to_base':>10} {'(draws)':>7} {'share':>6}")
+    steepness, sigmas = ddim.steepness(s.eta), ddim.sigma(ddim.timesteps, s.eta)  # |d mean / d eps| / sigma
     for j in range(s.num_steps):
-        t = ddim.timesteps[j]
-        zero = torch.zeros(1, 1)  # the step's mean is affine in eps: its slope is mean(eps = 1) - mean(eps = 0)
-        (mean_1, sigma), (mean_0, _) = (ddim.mean_and_sigma(eps, t, zero, s.eta) for eps in (zero + 1, zero))
-        slope, sigma = (mean_1 - mean_0).item(), sigma.item()
+        t, sigma = ddim.timesteps[j], sigmas[j].item()
         r = np.array(log_ratios[j]) if log_ratios[j] else np.zeros(1)
         kl = 0.5 * np.square(r)
-        print(f"{j:>4} {int(t):>5} -> {max(int(t) - ddim.step_size, 0):>4} {sigma:>7.4f} {abs(slope) / sigma:>18.2f} "
+        print(f"{j:>4} {int(t):>5} -> {max(int(t) - ddim.step_size, 0):>4} {sigma:>7.4f} {steepness[j].item():>18.2f} "
               f"{kl.mean():>10.3g} {(np.abs(np.expm1(r)) > s.clip_range).mean():>8.3f} {np.abs(r).max():>15.3g} "
               f"{kl.sum() / max(total, 1e-30):>11.1%} {np.mean(kl_to_base[int(t)] or [0]):>10.3g} "
               f"{len(kl_to_base[int(t)]):>7} {sum(kl_to_base[int(t)]) / max(base_total, 1e-30):>6.1%}")
