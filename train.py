@@ -16,7 +16,8 @@ policy is one stochastic DDIM step: a Gaussian whose mean comes from the UNet's 
      REINFORCE's: -A * grad(ratio) = -A * grad(log p) there. The log-prob is a mean over latent dims (see ddim.py),
      which is why clip_range is as small as 1e-4.
    - --kl-coef c adds c * KL(policy step || base model step) at every trained step (DPOK, Fan et al. 2023): a leash
-     against over-optimization. Every epoch logs that KL (kl_to_base) whether or not it is penalised.
+     against over-optimization, logged as kl_to_base either way. --balance-steps (ours) divides each step's term by its
+     steepness (ddim.py): otherwise the next-to-last step's gradient, 8x the others', drowns them.
    - RWR (reward-weighted regression, --algo rwr, rwr-sparse) is the paper's maximum-likelihood baseline: the denoising
      loss of the guided eps on the final latents, weighted by softmax(beta * reward) (or 1 for the top 10%, 0 for the
      rest). It never uses the per-step log-probs, only the variational bound, and the paper shows DDPO beating it.
@@ -84,6 +85,7 @@ class Settings:
     clip_range: float = 1e-4      # > 0: PPO clip on the per-dimension ratio (0.19..5.1 on the true ratio at 64x64x4)
     adv_clip_max: float = 5.0     # > 0: advantages are clipped to +-this
     kl_coef: float = 0.0          # >= 0: weight of KL(policy || base model) per trained step; 0 = the paper's DDPO
+    balance_steps: bool = False   # ours: each step's policy term / its DDIM steepness, so all pull alike (RESULTS.md)
     rwr_beta: float = 0.2         # >= 0, rwr: weights softmax(beta * reward) * N, as in the authors' code (0 = equal)
     rwr_top_fraction: float = 0.1  # (0, 1], rwr-sparse: the top fraction of the epoch's samples by reward, weight 1
     per_prompt_stats: bool = True  # z-score rewards per prompt (running buffer) rather than over the batch
@@ -214,7 +216,8 @@ def ddpo_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
     x_t, x_prev, t = e.latents[rows, step], e.latents[rows, step + 1], ddim.timesteps[step]
     eps = guided_eps(unet, x_t, t, e.context[rows], e.negative_context, s.guidance_scale)
     _, log_prob = ddim.step(eps, t, x_t, eta=s.eta, x_prev=x_prev)
-    loss, approx_kl, clipfrac = policy_loss(s, log_prob, e.old_log_probs[rows, step], e.advantages[rows])
+    weight = ddim.steepness(s.eta).median() / ddim.steepness(s.eta)[step] if s.balance_steps else 1  # all alike
+    loss, approx_kl, clipfrac = policy_loss(s, log_prob, e.old_log_probs[rows, step], e.advantages[rows] * weight)
     if s.kl_coef:  # c * KL(policy || base) at this step; the base's eps is a constant
         with torch.no_grad():
             eps_base = guided_eps(base_unet, x_t, t, e.context[rows], e.negative_context, s.guidance_scale)
@@ -256,10 +259,9 @@ def load_model(model_dir, device, dtype, lora):
 
 
 def base_model(sd, unet, lora, dtype):
-    """The base model's UNet, for the KL to it: with LoRA the same UNet with its adapters switched off (no copy);
-    with full fine-tuning a frozen copy of the published weights (1.7 GB in bf16 at SD v1-4 size), compiled if the UNet
-    is. Its convs and linears take the compute dtype and its norms keep fp32, as autocast does with the policy's: before
-    training the two give the same numbers, bit for bit."""
+    """The base model's UNet, for the KL to it: with LoRA the same UNet with its adapters off (no copy); with full
+    fine-tuning a frozen copy of the published weights (1.7 GB in bf16 at SD size), compiled if the UNet is. Its convs
+    and linears take the compute dtype, its norms fp32, as autocast does the policy's: at first the two agree."""
     if lora:
         def base_unet(*args):
             with lora_off(sd.unet):
@@ -280,9 +282,9 @@ def main(s, resume_ckpt=None):
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
     torch.set_num_threads(s.threads or torch.get_num_threads())  # 0: torch's default, one per core
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
-    # checked again now that torchrun's world size is known. d: what follows from s (nanoddpo/settings.py); with
-    # reinforce, every train batch of the epoch goes into its one optimizer step (d.grad_accum), in one pass
-    d = derived(check_settings(s, ranks.world), ranks.world)
+    # checked again now that torchrun's world size is known (parse_settings warned). d: what follows (settings.py);
+    # with reinforce, every train batch of the epoch goes into its one optimizer step (d.grad_accum), in one pass
+    d = derived(check_settings(s, ranks.world, warn=False), ranks.world)
     model_dir, prompts, why = model_and_prompts(s)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
     s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -66,9 +66,9 @@ def resume_settings(cls, given):
     return s, ckpt
 
 
-def check_settings(s, world=1, given=()):
+def check_settings(s, world=1, given=(), warn=True):
     """Every field's range, checked before anything is loaded: a bad value is one line naming the flag. `given`: the
-    flags on the command line."""
+    flags on the command line. warn=False: checked again, its warnings already given."""
     def need(ok, field, accepted):
         cli.need(ok, field, getattr(s, field), accepted)
     for field in ("grad_accum", "num_inner_epochs"):  # given with reinforce, they would be ignored
@@ -89,6 +89,8 @@ def check_settings(s, world=1, given=()):
     need(s.num_steps <= 1000, "num_steps", "must be at most 1000 (the schedule's training steps)")
     need(0 < s.eta <= 1 or (s.eta == 0 and s.algo.startswith("rwr")), "eta", "must be in (0, 1]: at eta 0 a "
          "DDIM step is deterministic and has no log-probability for DDPO to train (RWR alone can use eta 0)")
+    need(not (s.balance_steps and s.algo.startswith("rwr")), "balance_steps", "weighs DDPO's per-step terms; RWR "
+         "has none (it trains the final latents): leave it out")
     need(0 < s.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]")
     need(0 < s.rwr_top_fraction <= 1, "rwr_top_fraction", "must be in (0, 1]")
     need(s.stat_min_count <= s.stat_buffer, "stat_min_count", f"must be at most --stat-buffer {s.stat_buffer}")
@@ -113,9 +115,9 @@ def check_settings(s, world=1, given=()):
          f"{divisor_below(d.train_batches, d.grad_accum)} would")
     need(d.samples_per_epoch % s.images_per_prompt == 0, "images_per_prompt",
          f"must divide the samples per epoch ({d.samples_per_epoch})")
-    if s.lr == 0:
+    if warn and s.lr == 0:
         warnings.warn("--lr 0: the model will not change (useful only to measure)")
-    if s.threads > (os.cpu_count() or 1):  # each thread spins on a core of its own: oversubscribed, torch crawls
+    if warn and s.threads > (os.cpu_count() or 1):  # each thread spins on a core of its own: oversubscribed, torch crawls
         warnings.warn(f"--threads {s.threads}: more than this machine's {os.cpu_count()} CPU cores makes torch slower, "
                       f"not faster (0: one thread per core)")
     return s

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 import train
@@ -129,6 +130,41 @@ def test_kl_to_base_weighs_only_in_the_penalty(tiny_model_dir):
     loss2.backward()  # the frozen base gets no gradient; the policy does
     assert all(p.grad is None for p in base.parameters())
     assert all(p.grad is not None for p in sd.unet.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce"])
+def test_balance_steps_gives_every_step_the_same_gradient_scale(algo):
+    # A policy whose eps is one free parameter, and one trajectory that took the same noise z at every step. A step's
+    # gradient is -A x weight x steepness_j x z / D (test_2_ddim): with the authors' loss it grows with the step's
+    # steepness (8.3x the median's at the next-to-last of 10 steps); with --balance-steps it is the median's everywhere.
+    ddim, z, advantage = DDIM(10), torch.randn(1, 4, 2, 2), 0.7
+
+    class ConstantEps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.eps = nn.Parameter(torch.randn(1, 4, 2, 2))
+
+        def forward(self, x, t, context):
+            return self.eps.expand_as(x)
+    unet = ConstantEps()
+    latents, log_probs = [torch.randn(1, 4, 2, 2)], []
+    with torch.no_grad():
+        for j in range(10):
+            x_prev, log_prob = ddim.step(unet.eps, ddim.timesteps[j], latents[-1], noise=z)
+            latents.append(x_prev), log_probs.append(log_prob)
+    e = SimpleNamespace(latents=torch.stack(latents, dim=1), old_log_probs=torch.stack(log_probs, dim=1),
+                        context=torch.zeros(1, 77, 8), negative_context=torch.zeros(1, 77, 8),
+                        advantages=torch.tensor([advantage]))
+    steepness = ddim.steepness()
+    for balance in (False, True):
+        for j in range(10):
+            unet.eps.grad = None
+            loss = train.ddpo_step_loss(settings(algo=algo, balance_steps=balance), unet, None, ddim, e,
+                                        torch.tensor([0]), torch.tensor([j]), None)[0]
+            loss.backward()
+            unit = advantage * (steepness.median() if balance else steepness[j]) / z.numel()  # per unit of noise
+            # atol: x_prev - mean = sigma z loses float32 digits where z is small, by about 1e-7 / sigma
+            torch.testing.assert_close(unet.eps.grad.abs(), unit * z.abs(), rtol=1e-4, atol=1e-4 * unit.item())
 
 
 def test_full_fine_tuning_starts_from_the_published_fp32_weights(tiny_model_dir):
