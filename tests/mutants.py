@@ -349,6 +349,17 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/checkpoint.py", 'if run_dir and (run_dir / "settings.json").is_file():', "if run_dir:"),
  ("nanoddpo/cli.py", "out_of_memory = out_of_memory() if callable(out_of_memory) else out_of_memory", "pass"),
  ("nanoddpo/pretrain.py", "need(0 <= args.ema < 1,", "need(0 <= args.ema <= 1,"),
+ # the steepness of a DDIM step, and --balance-steps
+ ("nanoddpo/ddim.py", "return ((mean_1 - mean_0).abs() / sigma).flatten()", "return ((mean_1 - mean_0) / sigma).flatten()"),
+ ("nanoddpo/ddim.py", "return ((mean_1 - mean_0).abs() / sigma).flatten()",
+  "return ((mean_1 - mean_0).abs() / sigma**2).flatten()"),
+ ("train.py", "weight = ddim.steepness(s.eta).median() / ddim.steepness(s.eta)[step]",
+  "weight = ddim.steepness(s.eta)[step] / ddim.steepness(s.eta).median()"),
+ ("train.py", "weight = ddim.steepness(s.eta).median() / ddim.steepness(s.eta)[step]",
+  "weight = ddim.steepness(s.eta).mean() / ddim.steepness(s.eta)[step]"),
+ ("train.py", "ddim.steepness(s.eta)[step] if s.balance_steps", "ddim.steepness(s.eta)[step - 1] if s.balance_steps"),
+ ("nanoddpo/settings.py", 'need(not (s.balance_steps and s.algo.startswith("rwr"))',
+  'need(not (s.balance_steps and s.algo == "rwr-sparse")'),
 ]
 
 

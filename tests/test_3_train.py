@@ -684,6 +684,7 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--timestep-fraction", "0"], "--timestep-fraction 0.0: must be in (0, 1]"),
     (["--kl-coef", "-1"], "--kl-coef -1.0: must be 0 or more"),
     (["--rwr-top-fraction", "0"], "--rwr-top-fraction 0.0: must be in (0, 1]"),
+    (["--algo", "rwr", "--balance-steps", "yes"], "--balance-steps True: weighs DDPO's per-step terms; RWR has none"),
     (["--stat-min-count", "17"], "--stat-min-count 17: must be at most --stat-buffer 16"),
     (["--adam-beta1", "1"], "--adam-beta1 1.0: must be in [0, 1)"),
     (["--adam-eps", "0"], "--adam-eps 0.0: must be above 0"),
