@@ -16,6 +16,7 @@ learn:
     python docs/penultimate_step.py --seeds 3 4 --ways authors balanced   # more runs into the same table
     python docs/penultimate_step.py --seeds 0 --ways authors skip -- --epochs 2   # train.py flags after --
     python docs/penultimate_step.py --keep runs/penultimate   # and keep the run folders, for sample.py
+    python docs/penultimate_step.py --seeds                   # only the table of the runs so far
 """
 import argparse
 import copy
@@ -65,29 +66,29 @@ def run(way, argv, out):
 
 
 def table(results):
-    """One row per way: its runs' mean reward in the first and last epoch and over the last 3, the last 3 against the
-    authors' way on the same seeds (paired, +- the SE over seeds), and at the last epoch the tiny world's faithfulness
-    and kl_to_base; clipfrac over every epoch."""
-    print(f"\n{'way':>8} {'seeds':>5} {'first epoch':>11} {'last epoch':>10} {'last 3':>8} {'vs authors (last 3)':>20} "
-          f"{'faithfulness':>12} {'kl_to_base':>10} {'clipfrac':>8}")
+    """One row per way, means over its seeds: the reward in the first epoch (the base model's samples) and over the last
+    3, the gain, the last 3 against the authors' way on the same seeds (paired, +- the SE over seeds); the tiny world's
+    faithfulness in the first epoch and over the last 3; kl_to_base over the last 3; clipfrac over every epoch."""
+    def mean(runs, key, epochs=slice(-3, None)):
+        return np.mean([np.mean([m.get(key) or 0.0 for m in r[epochs]]) for r in runs])
+    print(f"\n{'way':>8} {'seeds':>5} {'reward: first':>13} {'last 3':>8} {'gain':>7} {'vs authors':>17} "
+          f"{'faithfulness: first':>19} {'last 3':>6} {'kl_to_base':>10} {'clipfrac':>8}")
     authors = results.get("authors", {})
     for way, by_seed in results.items():
         runs = list(by_seed.values())
-        last3 = {seed: np.mean([m["reward_mean"] for m in r[-3:]]) for seed, r in by_seed.items()}
-        paired = np.array([last3[seed] - np.mean([m["reward_mean"] for m in authors[seed][-3:]])
-                           for seed in by_seed if seed in authors])
+        first, last3 = mean(runs, "reward_mean", slice(0, 1)), mean(runs, "reward_mean")
+        paired = np.array([mean([r], "reward_mean") - mean([authors[seed]], "reward_mean")
+                           for seed, r in by_seed.items() if seed in authors])
         se = paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else float("nan")
-        print(f"{way:>8} {len(runs):>5} {np.mean([r[0]['reward_mean'] for r in runs]):>11.4f} "
-              f"{np.mean([r[-1]['reward_mean'] for r in runs]):>10.4f} {np.mean(list(last3.values())):>8.4f} "
-              f"{paired.mean() if len(paired) else np.nan:>+12.4f} +- {se:.4f} "
-              f"{np.mean([r[-1].get('faithfulness', np.nan) for r in runs]):>12.3f} "
-              f"{np.mean([r[-1].get('kl_to_base') or 0 for r in runs]):>10.3g} "
-              f"{np.mean([m['clipfrac'] for r in runs for m in r]):>8.3f}")
+        print(f"{way:>8} {len(runs):>5} {first:>13.4f} {last3:>8.4f} {last3 - first:>+7.4f} "
+              f"{paired.mean() if len(paired) else np.nan:>+8.4f} +- {se:.4f} "
+              f"{mean(runs, 'faithfulness', slice(0, 1)):>19.3f} {mean(runs, 'faithfulness'):>6.3f} "
+              f"{mean(runs, 'kl_to_base'):>10.3g} {mean(runs, 'clipfrac', slice(None)):>8.3f}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: print the table of --results")
     ways = ["authors", "skip", "scaled", "balanced"]
     p.add_argument("--ways", nargs="+", default=ways, choices=ways)
     p.add_argument("--results", default="runs/penultimate_step.json", help="every run's metrics by epoch; the runs "
