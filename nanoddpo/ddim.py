@@ -11,7 +11,6 @@ arXiv 2305.13301) uses it.
     x_prev, log_prob = ddim.step(eps, t, x_t)            # sample a step and score it
     _, log_prob = ddim.step(eps, t, x_t, x_prev=stored)  # score a stored step under new eps
     kl = ddim.kl(eps, eps_base, t, x_t)                  # KL to the base model's step, per latent dim
-    ddim.steepness()                                     # (T,) how far each step moves per unit of eps, in sigmas
     traj = sample(sd, ["a cat"], seeds=[0])              # the whole trajectory train.py needs
 
 Tests: python -m pytest -q tests/test_2_ddim.py
