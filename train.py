@@ -216,7 +216,7 @@ def ddpo_step_loss(s, unet, base_unet, ddim, e, rows, step, gen):
     x_t, x_prev, t = e.latents[rows, step], e.latents[rows, step + 1], ddim.timesteps[step]
     eps = guided_eps(unet, x_t, t, e.context[rows], e.negative_context, s.guidance_scale)
     _, log_prob = ddim.step(eps, t, x_t, eta=s.eta, x_prev=x_prev)
-    weight = ddim.steepness(s.eta).median() / ddim.steepness(s.eta)[step] if s.balance_steps else 1  # all alike
+    weight = (steep := ddim.steepness(s.eta)).median() / steep[step] if s.balance_steps else 1  # all steps alike
     loss, approx_kl, clipfrac = policy_loss(s, log_prob, e.old_log_probs[rows, step], e.advantages[rows] * weight)
     if s.kl_coef:  # c * KL(policy || base) at this step; the base's eps is a constant
         with torch.no_grad():
