@@ -358,6 +358,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", "(steep := ddim.steepness(s.eta)).median() / steep[step]",
   "(steep := ddim.steepness(s.eta)).mean() / steep[step]"),
  ("train.py", "/ steep[step] if s.balance_steps", "/ steep[step - 1] if s.balance_steps"),
+ ("train.py", "(steep := ddim.steepness(s.eta))", "(steep := ddim.steepness())"),
+ ("nanoddpo/ddim.py", "self.mean_and_sigma(eps, self.timesteps, x, eta)", "self.mean_and_sigma(eps, self.timesteps, x)"),
  ("nanoddpo/settings.py", 'need(not (s.balance_steps and s.algo.startswith("rwr"))',
   'need(not (s.balance_steps and s.algo == "rwr-sparse")'),
 ]

@@ -132,8 +132,8 @@ def test_kl_to_base_weighs_only_in_the_penalty(tiny_model_dir):
     assert all(p.grad is not None for p in sd.unet.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "reinforce"])
-def test_balance_steps_gives_every_step_the_same_gradient_scale(algo):
+@pytest.mark.parametrize("algo,eta", [("ppo", 1.0), ("reinforce", 1.0), ("ppo", 0.5)])
+def test_balance_steps_gives_every_step_the_same_gradient_scale(algo, eta):
     # A policy whose eps is one free parameter, and one trajectory that took the same noise z at every step. A step's
     # gradient is -A x weight x steepness_j x z / D (test_2_ddim): with the authors' loss it grows with the step's
     # steepness (8.3x the median's at the next-to-last of 10 steps); with --balance-steps it is the median's everywhere.
@@ -150,16 +150,16 @@ def test_balance_steps_gives_every_step_the_same_gradient_scale(algo):
     latents, log_probs = [torch.randn(1, 4, 2, 2)], []
     with torch.no_grad():
         for j in range(10):
-            x_prev, log_prob = ddim.step(unet.eps, ddim.timesteps[j], latents[-1], noise=z)
+            x_prev, log_prob = ddim.step(unet.eps, ddim.timesteps[j], latents[-1], eta=eta, noise=z)
             latents.append(x_prev), log_probs.append(log_prob)
     e = SimpleNamespace(latents=torch.stack(latents, dim=1), old_log_probs=torch.stack(log_probs, dim=1),
                         context=torch.zeros(1, 77, 8), negative_context=torch.zeros(1, 77, 8),
                         advantages=torch.tensor([advantage]))
-    steepness = ddim.steepness()
+    steepness = ddim.steepness(eta)  # the steps' steepness at the run's eta
     for balance in (False, True):
         for j in range(10):
             unet.eps.grad = None
-            loss = train.ddpo_step_loss(settings(algo=algo, balance_steps=balance), unet, None, ddim, e,
+            loss = train.ddpo_step_loss(settings(algo=algo, eta=eta, balance_steps=balance), unet, None, ddim, e,
                                         torch.tensor([0]), torch.tensor([j]), None)[0]
             loss.backward()
             unit = advantage * (steepness.median() if balance else steepness[j]) / z.numel()  # per unit of noise
