@@ -178,7 +178,9 @@ def test_pretrain_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     assert 0 <= results["checker_on_samples"]["all"] <= 1 and (out / "samples.png").is_file()
     for flags, message in ((["--eval_samples", "0"], "--eval-samples 0: must be at least 1"),
                            (["--ema", "1"], "--ema 1.0: must be in [0, 1)"), (["--lr", "nan"], "--lr: nan: expected a "
-                           "finite number"), (["--cfg-dropout", "1.5"], "--cfg-dropout 1.5: must be in [0, 1]")):
+                           "finite number"), (["--cfg-dropout", "1.5"], "--cfg-dropout 1.5: must be in [0, 1]"),
+                           (["--lr", "0"], "--lr 0.0: must be above 0"), (["--warmup", "-1"], "--warmup -1: must be 0 or "
+                           "more")):
         with pytest.raises(UsageError) as error:  # one line each, before any work
             pretrain.get_args(flags)
         assert str(error.value).startswith(message), error.value
