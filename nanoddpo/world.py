@@ -10,7 +10,8 @@ Shapes are saturated colours and backgrounds are grey, so the checker separates 
 names the colour by hue, the shape by how it fills its bounding box, and the background by how its grey levels vary.
 Every scale below is chosen so that it survives the tiny VAE (factor 4, one latent cell per 4x4 pixels): shapes are
 at least 14 px across, stripes 4 px wide, and the noise comes in 4 px blocks. nanoddpo/pretrain.py trains the tiny model on these pictures.
-Run `python -m nanoddpo.world` to write a contact sheet of drawn examples (world.png) and the checker's accuracy.
+Run `python -m nanoddpo.world [--out world.png]` to write a contact sheet of drawn examples and the checker's
+accuracy.
 """
 import json
 import os
@@ -303,7 +304,12 @@ def write_tokenizer(folder, words=WORDS):
     return len(vocab)
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    from nanoddpo.cli import IMAGE_SUFFIXES, Parser, check_output
+    parser = Parser(description="Draw the tiny world, report its checker's accuracy, write a contact sheet.")
+    parser.add_argument("--out", default="world.png", help="the contact sheet of 8 x 16 drawn examples")
+    args = parser.parse_args(argv)
+    check_output(args.out, "out", IMAGE_SUFFIXES)
     images, prompts = random_dataset(2000, seed=0)
     found = [check(img) for img in images]
     for i, key in enumerate(("colour", "shape", "background")):
@@ -311,5 +317,11 @@ if __name__ == "__main__":
         print(f"checker {key} accuracy on {len(images)} drawn images: {accuracy:.3f}")
     print(f"mean tinyworld reward: {tinyworld_reward(images, prompts).mean():.3f}")
     sheet = np.concatenate([np.concatenate(list(images[r * 16:(r + 1) * 16]), 1) for r in range(8)], 0)
-    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save("world.png")
-    print("wrote world.png (8 x 16 drawn examples)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(args.out)
+    print(f"wrote {args.out} (8 x 16 drawn examples)")
+
+
+if __name__ == "__main__":
+    from nanoddpo.cli import run
+    run("nanoddpo.world", main)
