@@ -117,8 +117,8 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "x_t, x_prev, t = e.latents[rows, step], e.latents[rows, step + 1], ddim.timesteps[step]",
   "x_t, x_prev, t = e.latents[rows, step], e.latents[rows, step + 1], ddim.timesteps[step - 1]"),
  ("train.py",
-  "loss, approx_kl, clipfrac = policy_loss(s, log_prob, e.old_log_probs[rows, step], e.advantages[rows])",
-  "loss, approx_kl, clipfrac = policy_loss(s, log_prob, e.old_log_probs[rows, step - 1], e.advantages[rows])"),
+  "policy_loss(s, log_prob, e.old_log_probs[rows, step], e.advantages[rows] * weight)",
+  "policy_loss(s, log_prob, e.old_log_probs[rows, step - 1], e.advantages[rows] * weight)"),
  ("train.py",
   "return (e.advantages[rows] * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean(), zero, zero",
   "return (((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean(), zero, zero"),
@@ -362,6 +362,31 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/ddim.py", "self.mean_and_sigma(eps, self.timesteps, x, eta)", "self.mean_and_sigma(eps, self.timesteps, x)"),
  ("nanoddpo/settings.py", 'need(not (s.balance_steps and s.algo.startswith("rwr"))',
   'need(not (s.balance_steps and s.algo == "rwr-sparse")'),
+ # the learned rewards' preprocessing, heads and scoring (fourteen of sixteen planted; both others passed and are left
+ # out: an unstripped LLaVA answer changes only the logged text, as BERTScore strips it, and right padding changes
+ # nothing, as every LLaVA prompt has the same length)
+ ("nanoddpo/rewards.py", "def jpeg_kb(images, quality=95):", "def jpeg_kb(images, quality=90):"),
+ ("nanoddpo/learned_rewards.py", "return self.mlp(embed / embed.norm(dim=-1, keepdim=True)).squeeze(1)",
+  "return self.mlp(embed).squeeze(1)"),
+ ("nanoddpo/learned_rewards.py", "return (x / 255 - mean) / std", "return (x / 255 - mean) * std"),
+ ("nanoddpo/learned_rewards.py", "top, left = (new_h - size) // 2, (new_w - size) // 2",
+  "top, left = (new_h - size + 1) // 2, (new_w - size + 1) // 2"),
+ ("nanoddpo/learned_rewards.py", "Image.fromarray(img).resize((new_w, new_h), Image.BICUBIC)",
+  "Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR)"),
+ ("nanoddpo/learned_rewards.py", "(size, int(size * w / h)) if h <= w else (int(size * h / w), size)",
+  "(size, round(size * w / h)) if h <= w else (round(size * h / w), size)"),
+ ("nanoddpo/learned_rewards.py", "special = (ids == self.tokenizer.cls_token_id) | (ids == self.tokenizer.sep_token_id)",
+  "special = ids == self.tokenizer.cls_token_id"),
+ ("nanoddpo/learned_rewards.py", "empty = cand_mask.sum(1) <= 2", "empty = cand_mask.sum(1) < 2"),
+ ("nanoddpo/learned_rewards.py", "self.vision(pixel_values=pixels).pooler_output",
+  "self.vision(pixel_values=pixels).last_hidden_state[:, 0]"),
+ ("nanoddpo/learned_rewards.py", '[f"The image contains {p}" for p in prompts]', '[f"the image contains {p}" for p in prompts]'),
+ ("nanoddpo/learned_rewards.py", "model.encoder.layer = model.encoder.layer[:layer]",
+  "model.encoder.layer = model.encoder.layer[:layer - 1]"),
+ ("nanoddpo/learned_rewards.py", 'batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)',
+  "batch_decode(out, skip_special_tokens=True)"),
+ ("nanoddpo/learned_rewards.py", "sim = sim.masked_fill(~cand_mask[:, None, :], -torch.inf)", "pass"),
+ ("nanoddpo/learned_rewards.py", "recall = (best * ref_weight).sum(1) / ref_weight.sum(1)", "recall = best.mean(1)"),
 ]
 
 
