@@ -15,6 +15,7 @@ A variant is `eager` or `compiled` (torch.compile's default mode) with any of th
            with a conv whose input has at least twice its output's channels, as SD's up blocks have);
   -flash   attention through FlashAttention-2 only (torch picks cuDNN's fused attention on an H100 / H200 otherwise:
            27% of the compiled call's kernel time at train batch 16, its backward 2.6x its forward).
+On the sixth lent H200 (docs/RESULTS.md), against compiled's 201.8 ms: -nhwc 198.0, -forced 203.5, -flash 241.6.
 """
 import json
 import os
