@@ -19,6 +19,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nanoddpo.cli import IMAGE_SUFFIXES, Parser, check_output, run
+
 SIZE = 32          # image side in pixels
 SUPERSAMPLE = 4    # shapes are drawn 4x larger and box-filtered down, which anti-aliases their edges
 
@@ -305,7 +307,6 @@ def write_tokenizer(folder, words=WORDS):
 
 
 def main(argv=None):
-    from nanoddpo.cli import IMAGE_SUFFIXES, Parser, check_output
     parser = Parser(description="Draw the tiny world, report its checker's accuracy, write a contact sheet.")
     parser.add_argument("--out", default="world.png", help="the contact sheet of 8 x 16 drawn examples")
     args = parser.parse_args(argv)
@@ -323,5 +324,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from nanoddpo.cli import run
     run("nanoddpo.world", main)
