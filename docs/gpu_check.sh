@@ -1,18 +1,25 @@
 #!/bin/bash
-# The next GPU check: train.py twice, about 4.5 minutes each on one H100 / H200 (a lent GPU here has 15 minutes in all,
-# and one device call at most 10), so best as two calls on the same warm machine (the random folder is kept in /tmp):
+# The next GPU check: train.py at train batch 16 or 32, as it is and with knobs patched in from outside (train.py is not
+# changed). A lent GPU here has 15 minutes in all and one device call at most 10, so best as two calls on the same warm
+# machine (the random folder and inductor's caches stay in /tmp):
 #
-#   OUT=runs/gpu bash docs/gpu_check.sh tb16        # from the repo root, on a machine with one CUDA GPU
-#   OUT=runs/gpu bash docs/gpu_check.sh tb16_nhwc   # (no argument: both, in one go, if 10 minutes allow)
+#   OUT=runs/gpu bash docs/gpu_check.sh tb16 tb16+cudnn          # from the repo root, on a machine with one CUDA GPU
+#   OUT=runs/gpu bash docs/gpu_check.sh tb32+cudnn+nhwc+mm1x1    # a second call: the knobs that helped, at batch 32
 #
-# What is still unknown (docs/RESULTS.md, "The sixth lent H200"): the training call alone is 1.9% faster with the UNet's
-# weights in NHWC, but sampling under NHWC was never timed, and no figure so far comes from an H100 (the target is
-# 4,500 trajectories per H100-hour). So train.py runs at train batch 16 (sampling batch 16, one batch an epoch):
-#   tb16        as it is;
-#   tb16_nhwc   the same, with the UNet's weights put in NHWC just before torch.compile, patched in from outside
-#               (no change to train.py).
-# Epoch 0 compiles (about 3.5 minutes); epoch 1 is the throughput (3,962-3,964 per H200-hour for tb16 before).
-# Each stage has its own time limit, so one slow stage cannot eat the other; logs and metrics land in $OUT.
+# A stage is tb16 (sampling batch 16, train batch 16) or tb32 (both 32), one batch an epoch, one optimizer step an
+# epoch, with any of these knobs joined by +:
+#   cudnn   torch.backends.cudnn.benchmark = True: cuDNN times its algorithms for each conv shape once and keeps the
+#           fastest, instead of choosing by heuristics; the shapes never change in a run. It changes no compiled graph,
+#           so after a stage without it, inductor's caches make the compile about a minute instead of 3.5;
+#   nhwc    the UNet's 4-d weights (its convs) in NHWC, in place, before train.py compiles it (LoRA's are 2-d and stay):
+#           the training call alone was 1.9% faster on the sixth lent H200, sampling under it never timed;
+#   mm1x1   torch._inductor.config.conv_1x1_as_mm = True: the 1x1 convs (proj_in / proj_out of every transformer,
+#           the skip convs) become matmuls in the forward, without cuDNN's NCHW<->NHWC copies around them (13.6 ms
+#           of the 201.8 ms training call on the sixth H200, over all convs).
+# What is still unknown (docs/RESULTS.md, "The sixth lent H200"): any figure from an H100 (the target is 4,500
+# trajectories per H100-hour; the best so far is 3,962-3,964 per H200-hour at tb16, stop 28), and these knobs end to end.
+# Epoch 0 compiles (about 3.5 minutes cold); epoch 1 is the throughput. Each stage has its own time limit, so one slow
+# stage cannot eat the other; logs and metrics land in $OUT.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -37,23 +44,34 @@ print(t.write_folder('$SD'))" > "$OUT/write_folder.log" 2>&1
 echo "folder written after $SECONDS s"
 
 ARGS="--preset sd14 --model $SD --reward jpeg --out-dir /tmp/runs --save-every 100 --grid-every 100 --batches-per-epoch 1 \
-    --epochs 2 --train-batch-size 16 --grad-accum 1"
-# The UNet's 4-d weights (its convs) in NHWC, in place, before train.py compiles it: LoRA's weights are 2-d and stay
-NHWC="import sys, torch, train
+    --epochs 2 --grad-accum 1"
+# train.py with the knobs in $KNOBS set before it runs
+PATCHED="import os, sys, torch, torch._inductor.config, train
+knobs = os.environ['KNOBS'].split()
+torch.backends.cudnn.benchmark = 'cudnn' in knobs
+torch._inductor.config.conv_1x1_as_mm = 'mm1x1' in knobs
 compile = torch.compile
-def nhwc(module, **kw):
-    return compile(module.to(memory_format=torch.channels_last), **kw)
-torch.compile = nhwc
+def patched(module, **kw):
+    if 'nhwc' in knobs:
+        module = module.to(memory_format=torch.channels_last)
+    return compile(module, **kw)
+torch.compile = patched
 sys.argv[0] = 'train.py'; train.main(*train.parse_settings())"
-RUNS=${*:-tb16 tb16_nhwc}
+RUNS=${*:-tb16 tb16+cudnn}
 for run in $RUNS; do
-    case $run in
-        tb16) stage tb16 330 python3 train.py $ARGS --name tb16 ;;
-        tb16_nhwc) stage tb16_nhwc 330 python3 -c "$NHWC" $ARGS --name tb16_nhwc ;;
-        *) echo "gpu_check.sh: unknown stage $run (tb16, tb16_nhwc)"; exit 1 ;;
+    IFS=+ read -r size knobs <<< "$run"
+    case $size in
+        tb16) batch=16 ;;
+        tb32) batch=32 ;;
+        *) echo "gpu_check.sh: unknown stage $run (tb16 or tb32, then +cudnn, +nhwc, +mm1x1)"; exit 1 ;;
     esac
+    for knob in ${knobs//+/ }; do
+        [[ $knob =~ ^(cudnn|nhwc|mm1x1)$ ]] || { echo "gpu_check.sh: unknown knob $knob in $run (cudnn, nhwc, mm1x1)"; exit 1; }
+    done
+    KNOBS="${knobs//+/ }" stage "${run//+/_}" 330 python3 -c "$PATCHED" $ARGS --batch-size $batch --train-batch-size $batch \
+        --name "${run//+/_}"
 done
 for run in $RUNS; do
-    cp "/tmp/runs/$run/metrics.jsonl" "$OUT/metrics_$run.jsonl" 2> /dev/null && cat "$OUT/metrics_$run.jsonl"
+    cp "/tmp/runs/${run//+/_}/metrics.jsonl" "$OUT/metrics_${run//+/_}.jsonl" 2> /dev/null && cat "$OUT/metrics_${run//+/_}.jsonl"
 done
 echo "== done after $SECONDS s"
