@@ -405,10 +405,10 @@ def main(s, resume_ckpt=None):
                     optimizer.zero_grad(set_to_none=True)
                     global_step += 1
         bar.close()
-        t_train = time.time() - t0
         if not torch.stack([p.isfinite().all() for p in params]).all():  # the same weights on every rank: all stop
             raise UsageError(f"epoch {epoch}: the weights became NaN or inf and were not saved: lower --lr (or "
                              f"--max-grad-norm), or --resume {run_dir} from its last checkpoint with a lower --lr")
+        t_train = time.time() - t0  # after the check, which waits for the GPU: all queued training kernels count
 
         # --- log, show, save (rank 0 only, and nothing in here waits for the other ranks) -------------------------
         if ranks.rank == 0:
