@@ -102,8 +102,8 @@ class Settings:
     grad_checkpoint: bool = False  # recompute each UNet block's activations in backward: less memory, more time
     # speed
     device: str = "auto"          # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    precision: str = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)
-    compile: str = "auto"         # torch.compile the UNet: auto (on for CUDA) | on | off
+    precision: str = "auto"       # auto (bf16 on GPUs from Ampere, fp16 before; fp32 on CPU) | fp32 | bf16 | fp16
+    compile: str = "auto"         # torch.compile the UNet: auto (on for a GPU from the V100 on) | on | off
     threads: int = 0              # >= 0 CPU threads for torch; 0 = torch's default (one per core)
     # outputs
     save_every: int = 1           # >= 1 epochs between checkpoints (and always after the last)
@@ -276,9 +276,9 @@ def main(s, resume_ckpt=None):
     ranks = Ranks()
     device = ranks.use_device(s.device)
     cuda = device.type == "cuda"
-    precision = ("bf16" if cuda else "fp32") if s.precision == "auto" else s.precision
-    use_compile = cuda if s.compile == "auto" else s.compile == "on"
-    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    precision = cli.auto_precision(device) if s.precision == "auto" else s.precision
+    use_compile = cli.auto_compile(device) if s.compile == "auto" else s.compile == "on"
+    compute_dtype = cli.torch_dtype(precision)
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
     torch.set_num_threads(s.threads or torch.get_num_threads())  # 0: torch's default, one per core
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)

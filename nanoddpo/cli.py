@@ -1,6 +1,7 @@
 """
-The command line of train.py and sample.py: one way to turn flags into settings, one way to fail, and the C heap
-setting their CPU runs use (keep_freed_memory).
+The command line of train.py and sample.py: one way to turn flags into settings, one way to fail, what "auto" means
+for precision and torch.compile on each device (auto_precision, auto_compile), and the C heap setting their CPU runs
+use (keep_freed_memory).
 
 A setting the user can fix ends in ONE line that names the flag, the value given and what is accepted, before anything
 heavy runs, and never in a traceback:
@@ -43,6 +44,33 @@ def check_device(device, flag="device"):
         import torch
         n, index = torch.cuda.device_count(), int(device.split(":")[1]) if ":" in device else 0
         need(index < n, flag, device, f"no such GPU: this machine has {n} CUDA device(s)" + " (use cpu)" * (n == 0))
+
+
+def gpu_generation(device):
+    """The compute capability's major version of a CUDA device (7 for a V100 or T4, 8 for an A100 or RTX 30xx, 9 for
+    an H100); 0 for a CPU."""
+    import torch
+    device = torch.device(device)
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+
+
+def auto_precision(device):
+    """What --precision auto means: fp32 on a CPU; on a GPU bf16 from compute capability 8 (Ampere) on, fp16 before it
+    (V100, T4: fp16 tensor cores only, and torch.compile's bf16 kernels fail to build there), as the authors trained."""
+    major = gpu_generation(device)
+    return "fp32" if major == 0 else "bf16" if major >= 8 else "fp16"
+
+
+def torch_dtype(precision):
+    """"fp32", "bf16" or "fp16" -> the torch dtype."""
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def auto_compile(device):
+    """What --compile auto means: on for a GPU that torch.compile's GPU compiler, Triton, builds for (compute
+    capability 7 on: not a P100), off on a CPU."""
+    return gpu_generation(device) >= 7
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what PIL writes here without a plugin

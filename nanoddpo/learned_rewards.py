@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
+from nanoddpo.cli import auto_precision, torch_dtype
 # Where each model is looked for, and the command that fetches it: in nanoddpo/rewards.py, so that check_reward can look
 # for the files before anything heavy is imported.
 from nanoddpo.rewards import AESTHETIC_MLP, CLIP_DIR, DEBERTA_DIR, DOWNLOADS, LLAVA_DIR
@@ -59,9 +60,10 @@ def resolve_device(device=None):
 
 
 def default_device_dtype(device, dtype):
-    """resolve_device(device), and bf16 on CUDA, fp32 elsewhere, unless the caller says otherwise."""
+    """resolve_device(device), and the dtype train.py's --precision auto picks there (bf16 on GPUs from Ampere on, fp16
+    before them, fp32 on a CPU), unless the caller says otherwise."""
     device = resolve_device(device)
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype or torch_dtype(auto_precision(device))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,11 +136,12 @@ class AestheticReward:
     """reward(images, prompts) -> LAION aesthetic score per image (prompts are ignored). Counterpart of ddpo-pytorch's
     aesthetic_score / AestheticScorer.
 
-    Precision: CLIP's vision tower (303 M parameters, nearly all the compute) runs in `dtype`, bf16 on CUDA by default
-    for speed and memory; everything from its pooled output on (the visual projection, the L2 normalisation and the
-    MLP head) runs in fp32 on every device, as the authors score. In bf16 the head's output, about 5 to 6, could only
-    move in steps of 2**-5 = 0.031 (8 significant bits), a grid as coarse as the differences between samples of one
-    prompt that the advantages compare; the tower's bf16 rounding only perturbs the embedding a little, continuously.
+    Precision: CLIP's vision tower (303 M parameters, nearly all the compute) runs in `dtype`, by default bf16 on a GPU
+    (fp16 before Ampere) for speed and memory; everything from its pooled output on (the visual projection, the L2
+    normalisation and the MLP head) runs in fp32 on every device, as the authors score. In bf16 the head's output,
+    about 5 to 6, could only move in steps of 2**-5 = 0.031 (8 significant bits), a grid as coarse as the differences
+    between samples of one prompt that the advantages compare; the tower's bf16 rounding only perturbs the embedding a
+    little, continuously.
     """
 
     def __init__(self, clip_dir=CLIP_DIR, mlp_path=AESTHETIC_MLP, device=None, dtype=None):

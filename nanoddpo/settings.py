@@ -102,6 +102,14 @@ def check_settings(s, world=1, given=(), warn=True):
     cli.check_device(s.device)
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
+    gpu = "cuda" if s.device == "auto" else s.device  # what this GPU can run; auto picks what it runs fastest
+    if cuda and s.compile == "on" and not cli.auto_compile(gpu):
+        raise cli.UsageError(f"--compile on: torch.compile's GPU compiler (Triton) needs compute capability 7 or more "
+                             f"(a V100 on); this GPU has {cli.gpu_generation(gpu)}: use --compile off")
+    if warn and cuda and s.precision == "bf16" and cli.auto_precision(gpu) != "bf16":
+        warnings.warn("--precision bf16: this GPU has no bf16 tensor cores (they came with compute capability 8, "
+                      "Ampere): bf16 runs emulated and slowly, and torch.compile's bf16 kernels fail to build; fp16 "
+                      "(auto) is the fast choice here")
     d = derived(s, world)
     need(d.samples_per_epoch <= 10**6, "batch_size", f"{d.samples_per_epoch} samples per epoch (x --batches-per-epoch "
          f"{s.batches_per_epoch} x {world} process(es)): an epoch keeps every trajectory for training; at most "

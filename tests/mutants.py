@@ -12,7 +12,8 @@ or only a log line, a grid's prompts, or the order of an epoch's prompts.) The b
 hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted. pretrain.py (which makes
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
 were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
-errors were missed and got a test.
+errors were missed and got a test. The seven in what --precision auto and --compile auto pick on each GPU were caught
+when planted.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -30,6 +31,9 @@ TESTS = {  # which tests guard which file
     "nanoddpo/model.py": ["tests/test_1_model.py"],
     "nanoddpo/cpu_layers.py": ["tests/test_1_model.py"],
     "nanoddpo/cli.py": ["tests/test_6_bench.py",
+                        "tests/test_3_train.py::test_auto_precision_and_compile_fit_the_gpu",
+                        "tests/test_3_train.py::test_asking_a_gpu_for_what_it_lacks_is_one_line",
+                        "tests/test_4_rewards.py::test_reward_device_is_this_process_gpu",
                         "tests/test_3_train.py::test_ctrl_c_is_one_line_that_says_how_to_go_on",
                         "tests/test_3_train.py::test_out_of_memory_is_one_line_that_says_what_to_lower"],
     "nanoddpo/images.py": ["tests/test_4_rewards.py"],
@@ -387,6 +391,17 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   "batch_decode(out, skip_special_tokens=True)"),
  ("nanoddpo/learned_rewards.py", "sim = sim.masked_fill(~cand_mask[:, None, :], -torch.inf)", "pass"),
  ("nanoddpo/learned_rewards.py", "recall = (best * ref_weight).sum(1) / ref_weight.sum(1)", "recall = best.mean(1)"),
+ # what --precision auto and --compile auto mean on each GPU, and who asks
+ ("nanoddpo/cli.py", '"bf16" if major >= 8 else "fp16"', '"bf16" if major >= 7 else "fp16"'),
+ ("nanoddpo/cli.py", "return gpu_generation(device) >= 7", "return gpu_generation(device) >= 6"),
+ ("nanoddpo/settings.py", 'cli.auto_precision(gpu) != "bf16"', 'cli.auto_precision(gpu) == "bf16"'),
+ ("nanoddpo/settings.py", 'if cuda and s.compile == "on" and not cli.auto_compile(gpu):',
+  'if cuda and s.compile == "on" and not cli.auto_compile("cpu"):'),
+ ("train.py", 'precision = cli.auto_precision(device) if s.precision == "auto"',
+  'precision = ("bf16" if cuda else "fp32") if s.precision == "auto"'),
+ ("train.py", "use_compile = cli.auto_compile(device) if", "use_compile = cuda if"),
+ ("nanoddpo/learned_rewards.py", "dtype or torch_dtype(auto_precision(device))",
+  "dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32)"),
 ]
 
 

@@ -737,6 +737,58 @@ def test_more_threads_than_cores_is_a_one_line_warning(monkeypatch, command_line
     assert err.splitlines()[1].startswith("train.py: error: --prompts") and len(err.splitlines()) == 2
 
 
+def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
+    # bf16 has tensor cores from compute capability 8 (Ampere) on; a V100 or T4 (7) gets fp16, as the authors trained,
+    # and torch.compile's GPU compiler, Triton, builds for 7 on, so a P100 (6) runs eager. On a CPU: fp32, eager.
+    from nanoddpo import cli
+    gpu = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    for capability, precision, dtype, compiles in (((9, 0), "bf16", torch.bfloat16, True),  # H100
+                                                   ((8, 6), "bf16", torch.bfloat16, True),  # RTX 30xx
+                                                   ((7, 5), "fp16", torch.float16, True),  # T4
+                                                   ((7, 0), "fp16", torch.float16, True),  # V100
+                                                   ((6, 0), "fp16", torch.float16, False)):  # P100
+        gpu["capability"] = capability
+        assert (cli.auto_precision("cuda"), cli.auto_compile("cuda:0")) == (precision, compiles), capability
+        assert cli.torch_dtype(cli.auto_precision(torch.device("cuda", 0))) == dtype
+    assert (cli.auto_precision("cpu"), cli.auto_compile("cpu"), cli.torch_dtype("fp32")) == ("fp32", False, torch.float32)
+
+
+def test_asking_a_gpu_for_what_it_lacks_is_one_line(monkeypatch, command_line):
+    gpu = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    gpu["capability"] = (6, 0)  # a P100
+    assert command_line("train.py", ["--compile", "on"]) == (1, "train.py: error: --compile on: torch.compile's GPU "
+                                                             "compiler (Triton) needs compute capability 7 or more (a "
+                                                             "V100 on); this GPU has 6: use --compile off")
+    train.parse_settings(["--compile", "off"])  # and eager is fine
+    gpu["capability"] = (7, 5)  # a T4: bf16 is allowed, with a warning that says what fits
+    with pytest.warns(UserWarning, match=r"--precision bf16: this GPU has no bf16 tensor cores .* fp16 \(auto\) is"):
+        train.parse_settings(["--precision", "bf16", "--compile", "on"])
+    gpu["capability"] = (8, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.parse_settings(["--precision", "bf16", "--compile", "on"])
+
+
+def test_auto_is_what_the_device_train_py_runs_on_fits(tmp_path, monkeypatch, command_line):
+    from nanoddpo import cli
+    asked = []
+    monkeypatch.setattr(cli, "auto_precision", lambda device: asked.append(("precision", str(device))) or "fp32")
+    monkeypatch.setattr(cli, "auto_compile", lambda device: asked.append(("compile", str(device))) or False)
+
+    def stop(*args, **kwargs):
+        raise train.UsageError("stop here")
+    monkeypatch.setattr(train.StableDiffusion, "from_pretrained", stop)
+    assert command_line("train.py", ["--out-dir", tmp_path]) == (1, "train.py: error: stop here")
+    assert asked == [("precision", "cpu"), ("compile", "cpu")]
+    asked.clear()
+    assert command_line("train.py", ["--out-dir", tmp_path, "--precision", "fp32", "--compile", "off"])[0] == 1
+    assert asked == []  # what the flags name is kept
+
+
 def test_out_of_memory_is_one_line_that_says_what_to_lower(tmp_path, command_line, monkeypatch):
     def too_big(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity\n...")

@@ -340,7 +340,11 @@ def test_reward_device_is_this_process_gpu(monkeypatch):
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device(torch.device("cuda", 2)) == torch.device("cuda", 2)  # an explicit index is kept
     assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
     assert default_device_dtype(None, None) == (torch.device("cuda", 1), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16 tensor cores
+    assert default_device_dtype("cuda", None) == (torch.device("cuda", 1), torch.float16)
+    assert default_device_dtype("cuda", torch.float32) == (torch.device("cuda", 1), torch.float32)  # the caller's
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device() == torch.device("cuda", 3)
     monkeypatch.delenv("LOCAL_RANK")
@@ -354,6 +358,7 @@ def test_reward_models_go_to_the_resolved_device(monkeypatch, tiny_aesthetic, ti
     learned rewards is sent to cuda:3, never to a bare "cuda"."""
     from nanoddpo.learned_rewards import AestheticReward, AlignmentReward
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setenv("LOCAL_RANK", "3")
     sent = []
 
