@@ -14,6 +14,7 @@ heavy runs, and never in a traceback:
 import argparse
 import ctypes
 import dataclasses
+import importlib.util
 import inspect
 import math
 import os
@@ -67,10 +68,20 @@ def torch_dtype(precision):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def compile_blocker(device):
+    """Why torch.compile cannot build kernels for this GPU, or None. Its GPU compiler, Triton, needs compute capability 7
+    (a V100 on), and is a package of its own: torch's Linux CUDA wheels bring it, its Windows wheels do not."""
+    if gpu_generation(device) < 7:
+        return (f"torch.compile's GPU compiler (Triton) needs compute capability 7 or more (a V100 on); this GPU has "
+                f"{gpu_generation(device)}")
+    if importlib.util.find_spec("triton") is None:
+        return "torch.compile's GPU compiler, Triton, is not installed here (torch's Linux CUDA wheels bring it)"
+    return None
+
+
 def auto_compile(device):
-    """What --compile auto means: on for a GPU that torch.compile's GPU compiler, Triton, builds for (compute
-    capability 7 on: not a P100), off on a CPU."""
-    return gpu_generation(device) >= 7
+    """What --compile auto means: on for a GPU that torch.compile can build for, off on a CPU."""
+    return gpu_generation(device) > 0 and compile_blocker(device) is None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what PIL writes here without a plugin

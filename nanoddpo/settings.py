@@ -103,9 +103,8 @@ def check_settings(s, world=1, given=(), warn=True):
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
     gpu = "cuda" if s.device == "auto" else s.device  # what this GPU can run; auto picks what it runs fastest
-    if cuda and s.compile == "on" and not cli.auto_compile(gpu):
-        raise cli.UsageError(f"--compile on: torch.compile's GPU compiler (Triton) needs compute capability 7 or more "
-                             f"(a V100 on); this GPU has {cli.gpu_generation(gpu)}: use --compile off")
+    if cuda and s.compile == "on" and (why := cli.compile_blocker(gpu)):
+        raise cli.UsageError(f"--compile on: {why}: use --compile off")
     if warn and cuda and s.precision == "bf16" and cli.auto_precision(gpu) != "bf16":
         warnings.warn("--precision bf16: this GPU has no bf16 tensor cores (they came with compute capability 8, "
                       "Ampere): bf16 runs emulated and slowly, and torch.compile's bf16 kernels fail to build; fp16 "

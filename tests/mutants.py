@@ -12,7 +12,7 @@ or only a log line, a grid's prompts, or the order of an epoch's prompts.) The b
 hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted. pretrain.py (which makes
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
 were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
-errors were missed and got a test. The seven in what --precision auto and --compile auto pick on each GPU were caught
+errors were missed and got a test. The eight in what --precision auto and --compile auto pick on each GPU were caught
 when planted.
 
     python tests/mutants.py            # every mutant
@@ -393,10 +393,11 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/learned_rewards.py", "recall = (best * ref_weight).sum(1) / ref_weight.sum(1)", "recall = best.mean(1)"),
  # what --precision auto and --compile auto mean on each GPU, and who asks
  ("nanoddpo/cli.py", '"bf16" if major >= 8 else "fp16"', '"bf16" if major >= 7 else "fp16"'),
- ("nanoddpo/cli.py", "return gpu_generation(device) >= 7", "return gpu_generation(device) >= 6"),
+ ("nanoddpo/cli.py", "if gpu_generation(device) < 7:", "if gpu_generation(device) < 6:"),
+ ("nanoddpo/cli.py", 'importlib.util.find_spec("triton") is None', 'importlib.util.find_spec("torch") is None'),
  ("nanoddpo/settings.py", 'cli.auto_precision(gpu) != "bf16"', 'cli.auto_precision(gpu) == "bf16"'),
- ("nanoddpo/settings.py", 'if cuda and s.compile == "on" and not cli.auto_compile(gpu):',
-  'if cuda and s.compile == "on" and not cli.auto_compile("cpu"):'),
+ ("nanoddpo/settings.py", 'if cuda and s.compile == "on" and (why := cli.compile_blocker(gpu)):',
+  'if cuda and s.compile == "on" and (why := cli.compile_blocker("cpu")):'),
  ("train.py", 'precision = cli.auto_precision(device) if s.precision == "auto"',
   'precision = ("bf16" if cuda else "fp32") if s.precision == "auto"'),
  ("train.py", "use_compile = cli.auto_compile(device) if", "use_compile = cuda if"),

@@ -1,5 +1,6 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -739,10 +740,14 @@ def test_more_threads_than_cores_is_a_one_line_warning(monkeypatch, command_line
 
 def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
     # bf16 has tensor cores from compute capability 8 (Ampere) on; a V100 or T4 (7) gets fp16, as the authors trained,
-    # and torch.compile's GPU compiler, Triton, builds for 7 on, so a P100 (6) runs eager. On a CPU: fp32, eager.
+    # and torch.compile's GPU compiler, Triton, builds for 7 on, so a P100 (6) runs eager, as does a GPU where Triton is
+    # not installed (torch's Windows wheels). On a CPU: fp32, eager.
     from nanoddpo import cli
     gpu = {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
+    find_spec = importlib.util.find_spec  # Triton, the GPU compiler, is installed (not on this CPU-only machine)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("torch") if name == "triton" else
+                        find_spec(name, *a))
     for capability, precision, dtype, compiles in (((9, 0), "bf16", torch.bfloat16, True),  # H100
                                                    ((8, 6), "bf16", torch.bfloat16, True),  # RTX 30xx
                                                    ((7, 5), "fp16", torch.float16, True),  # T4
@@ -752,6 +757,9 @@ def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
         assert (cli.auto_precision("cuda"), cli.auto_compile("cuda:0")) == (precision, compiles), capability
         assert cli.torch_dtype(cli.auto_precision(torch.device("cuda", 0))) == dtype
     assert (cli.auto_precision("cpu"), cli.auto_compile("cpu"), cli.torch_dtype("fp32")) == ("fp32", False, torch.float32)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    gpu["capability"] = (9, 0)
+    assert (cli.auto_precision("cuda"), cli.auto_compile("cuda")) == ("bf16", False)  # on an H100 without Triton
 
 
 def test_asking_a_gpu_for_what_it_lacks_is_one_line(monkeypatch, command_line):
@@ -764,6 +772,12 @@ def test_asking_a_gpu_for_what_it_lacks_is_one_line(monkeypatch, command_line):
                                                              "compiler (Triton) needs compute capability 7 or more (a "
                                                              "V100 on); this GPU has 6: use --compile off")
     train.parse_settings(["--compile", "off"])  # and eager is fine
+    gpu["capability"] = (9, 0)  # an H100 where Triton is missing (torch's Windows wheels)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert command_line("train.py", ["--compile", "on"]) == (1, "train.py: error: --compile on: torch.compile's GPU "
+                                                             "compiler, Triton, is not installed here (torch's Linux "
+                                                             "CUDA wheels bring it): use --compile off")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "triton")  # installed
     gpu["capability"] = (7, 5)  # a T4: bf16 is allowed, with a warning that says what fits
     with pytest.warns(UserWarning, match=r"--precision bf16: this GPU has no bf16 tensor cores .* fp16 \(auto\) is"):
         train.parse_settings(["--precision", "bf16", "--compile", "on"])
