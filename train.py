@@ -103,7 +103,7 @@ class Settings:
     # speed
     device: str = "auto"          # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     precision: str = "auto"       # auto (bf16 on GPUs from Ampere, fp16 before; fp32 on CPU) | fp32 | bf16 | fp16
-    compile: str = "auto"         # torch.compile the UNet: auto (on for a GPU from the V100 on) | on | off
+    compile: str = "auto"         # torch.compile the UNet: auto (on for a GPU Triton builds for) | on | off
     threads: int = 0              # >= 0 CPU threads for torch; 0 = torch's default (one per core)
     # outputs
     save_every: int = 1           # >= 1 epochs between checkpoints (and always after the last)
@@ -282,16 +282,16 @@ def main(s, resume_ckpt=None):
     autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
     torch.set_num_threads(s.threads or torch.get_num_threads())  # 0: torch's default, one per core
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
-    # checked again now that torchrun's world size is known (parse_settings warned). d: what follows (settings.py);
-    # with reinforce, every train batch of the epoch goes into its one optimizer step (d.grad_accum), in one pass
+    # checked again now that torchrun's world size is known (parse_settings warned); d: what follows (settings.py)
     d = derived(check_settings(s, ranks.world, warn=False), ranks.world)
     model_dir, prompts, why = model_and_prompts(s)
     ranks.log(f"model: {model_dir}" + ("" if s.model else " (the default: pass --model to choose another)"))
     s.name = s.name or ranks.agree(f"{reward_label(s.reward)}-{s.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(s.resume) if s.resume else Path(s.out_dir) / s.name
     start_run(run_dir, s, ranks.rank)
-    ranks.log(f"run: {run_dir}  device: {device} x {ranks.world}  precision: {precision}  compile: {use_compile}  "
-              f"algo: {s.algo}  reward: {s.reward}  prompts: {len(prompts)} from {why}")
+    ranks.log(f"run: {run_dir}  device: {device} x {ranks.world}  precision: {precision}  compile: "
+              f"{'on (epoch 0 compiles, for minutes)' if use_compile else 'off'}  algo: {s.algo}  reward: {s.reward}  "
+              f"prompts: {len(prompts)} from {why}")
     ranks.log(f"samples/epoch: {d.samples_per_epoch}  optimizer steps/epoch: {d.steps_per_epoch}  timesteps trained/"
               f"sample: {d.timesteps_trained} of {s.num_steps}  samples/optimizer step: "
               f"{s.train_batch_size * d.grad_accum * ranks.world}")
