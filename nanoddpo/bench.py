@@ -60,7 +60,7 @@ def policy_loss(*args):
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sd-v1-4"
 PARTS = ("sample", "full", "lora", "epoch")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 LOSS = types.SimpleNamespace(algo="ppo", clip_range=1e-4)  # what policy_loss reads: train.py's defaults
 
@@ -118,9 +118,9 @@ def fill_defaults(a, cuda):
     a.precisions = (a.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
     a.compile_modes = (a.compile_modes or ("eager,default,reduce-overhead,max-autotune" if cuda else "eager")).split(",")
     a.parts = a.parts.split(",")
-    bad = [p for p in a.precisions if p not in DTYPES]
+    bad = [p for p in a.precisions if p not in PRECISIONS]
     if bad:
-        raise UsageError(f"unknown precision {bad[0]!r}; choose from {', '.join(DTYPES)}")
+        raise UsageError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     bad = [p for p in a.parts if p not in PARTS]
     if bad:
         raise UsageError(f"unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
@@ -454,7 +454,7 @@ def run(a, device, heap, save=lambda rows: None):
     variants = [(p, m) for p in a.precisions for m in a.compile_modes]
 
     def callables(precision, mode):
-        autocast = torch.autocast(device.type, DTYPES[precision]) if precision != "fp32" else nullcontext()
+        autocast = torch.autocast(device.type, cli.torch_dtype(precision)) if precision != "fp32" else nullcontext()
         compiled = (lambda m: m) if mode == "eager" else (lambda m: torch.compile(m, mode=mode, dynamic=False))
         ours = compiled(sd.unet)
         baseline = None if base is None else baseline_callable(compiled(base))
