@@ -117,9 +117,10 @@ PRESETS = {
     # its own from the first epoch: JPEG sizes differ far more between prompts (striped vs plain) than within one.
     # Its latents are 8x8x4 = 256 dims, not 16,384, so the clip range that gives SD's trust region on the true ratio
     # is 1e-4 * 16384 / 256 = 6.4e-3. Full fine-tuning: LoRA on 64-wide attention is too small to move it in minutes.
+    # Eager even on a GPU: compiling its four graphs takes minutes (2 on this CPU), its whole run eager 2 min 44 s here.
     "tiny": dict(num_steps=10, batch_size=64, batches_per_epoch=5, images_per_prompt=4, train_batch_size=32,
                  grad_accum=2, timestep_fraction=0.5, epochs=10, lr=3e-4, clip_range=6.4e-3, lora=False,
-                 stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4),
+                 stat_buffer=16, stat_min_count=4, save_every=4, grid_every=4, compile="off"),
     # SD v1-4 with LoRA on one GPU: the paper's 256 samples and 4 optimizer steps per epoch, via accumulation. Batches
     # of 16 and 8, not the authors' 8 and 4: the same updates, 1.21x the trajectories per hour on an H200, 12.3 GB peak.
     "sd14": dict(num_steps=50, batch_size=16, batches_per_epoch=16, train_batch_size=8, grad_accum=8, epochs=100,
@@ -340,8 +341,7 @@ def main(s, resume_ckpt=None):
                                  for _ in range(s.batches_per_epoch)]).view(s.batches_per_epoch, ranks.world, -1)
 
         # --- 1. sample trajectories with the current policy ---------------------------------------------------------
-        t0 = time.time()
-        trajs, futures, checks = [], [], []
+        t0, trajs, futures, checks = time.time(), [], [], []
         for b in tqdm(range(s.batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=ranks.rank > 0):
             my_prompts = list(all_prompts[b, ranks.rank])
             traj = sample(sd, my_prompts, all_seeds[b, ranks.rank].tolist(), s.num_steps, s.guidance_scale, s.eta,

@@ -12,8 +12,8 @@ or only a log line, a grid's prompts, or the order of an epoch's prompts.) The b
 hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted. pretrain.py (which makes
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
 were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
-errors were missed and got a test. The eight in what --precision auto and --compile auto pick on each GPU were caught
-when planted.
+errors were missed and got a test. The nine in what --precision auto and --compile auto pick on each GPU, and in the
+tiny preset's eager run, were caught when planted.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -401,6 +401,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("train.py", 'precision = cli.auto_precision(device) if s.precision == "auto"',
   'precision = ("bf16" if cuda else "fp32") if s.precision == "auto"'),
  ("train.py", "use_compile = cli.auto_compile(device) if", "use_compile = cuda if"),
+ ("train.py", 'grid_every=4, compile="off"),', "grid_every=4),"),
  ("nanoddpo/learned_rewards.py", "dtype or torch_dtype(auto_precision(device))",
   "dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32)"),
 ]
