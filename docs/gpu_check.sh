@@ -18,6 +18,7 @@
 #           of the 201.8 ms training call on the sixth H200, over all convs).
 # What is still unknown (docs/RESULTS.md, "The sixth lent H200"): any figure from an H100 (the target is 4,500
 # trajectories per H100-hour; the best so far is 3,962-3,964 per H200-hour at tb16, stop 28), and these knobs end to end.
+# train.py's train time now waits for the GPU (commit 8342aa7), so tb16 may read 0.5-1% under stop 28's figure.
 # Epoch 0 compiles (about 3.5 minutes cold); epoch 1 is the throughput. Each stage has its own time limit, so one slow
 # stage cannot eat the other; logs and metrics land in $OUT.
 set -u
