@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoddpo.cli import (IMAGE_SUFFIXES, Parser, auto_precision, check_device, check_output, keep_freed_memory, need,
-                          number, run, torch_dtype)
+from nanoddpo.cli import (IMAGE_SUFFIXES, Parser, auto_precision, autocast_to, check_device, check_output,
+                          keep_freed_memory, need, number, run)
 from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, readable, trained_base
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
@@ -105,7 +105,7 @@ def main(args):
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages instead of faulting in fresh ones (cli.py)
     sd = StableDiffusion.from_pretrained(args.model, device=device)
     reward_fns = {name: get_reward(name) for name in args.reward or []}
-    autocast = torch.autocast("cuda", torch_dtype(auto_precision(sd.device))) if sd.device.type == "cuda" else None
+    autocast = autocast_to(sd.device, auto_precision(sd.device))  # fp32 on a CPU: none
     # every column is one (prompt, seed) pair, rendered identically in every row
     column_prompts = [p for p in prompts for _ in seeds]
     column_seeds = [s for _ in prompts for s in seeds]

@@ -33,7 +33,6 @@ import itertools
 import json
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -280,7 +279,7 @@ def main(s, resume_ckpt=None):
     precision = cli.auto_precision(device) if s.precision == "auto" else s.precision
     use_compile = cli.auto_compile(device) if s.compile == "auto" else s.compile == "on"
     compute_dtype = cli.torch_dtype(precision)
-    autocast = torch.autocast(device.type, compute_dtype) if precision != "fp32" else nullcontext()
+    autocast = cli.autocast_to(device, precision)
     torch.set_num_threads(s.threads or torch.get_num_threads())  # 0: torch's default, one per core
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages: SD size 1.2-1.3x faster (nanoddpo/cli.py)
     # checked again now that torchrun's world size is known (parse_settings warned); d: what follows (settings.py)

@@ -454,7 +454,7 @@ def run(a, device, heap, save=lambda rows: None):
     variants = [(p, m) for p in a.precisions for m in a.compile_modes]
 
     def callables(precision, mode):
-        autocast = torch.autocast(device.type, cli.torch_dtype(precision)) if precision != "fp32" else nullcontext()
+        autocast = cli.autocast_to(device, precision)
         compiled = (lambda m: m) if mode == "eager" else (lambda m: torch.compile(m, mode=mode, dynamic=False))
         ours = compiled(sd.unet)
         baseline = None if base is None else baseline_callable(compiled(base))

@@ -68,12 +68,22 @@ def torch_dtype(precision):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def autocast_to(device, precision):
+    """The context train.py, sample.py and the bench run the models in: torch.autocast to `precision` on `device`, or
+    one that does nothing for fp32."""
+    import contextlib
+    import torch
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, torch_dtype(precision))
+
+
 def compile_blocker(device):
     """Why torch.compile cannot build kernels for this GPU, or None. Its GPU compiler, Triton, needs compute capability 7
     (a V100 on), and is a package of its own: torch's Linux CUDA wheels bring it, its Windows wheels do not."""
-    if gpu_generation(device) < 7:
-        return (f"torch.compile's GPU compiler (Triton) needs compute capability 7 or more (a V100 on); this GPU has "
-                f"{gpu_generation(device)}")
+    if (major := gpu_generation(device)) < 7:
+        return f"torch.compile's GPU compiler (Triton) needs compute capability 7 or more (a V100 on); this GPU has " \
+               f"{major}"
     if importlib.util.find_spec("triton") is None:
         return "torch.compile's GPU compiler, Triton, is not installed here (torch's Linux CUDA wheels bring it)"
     return None

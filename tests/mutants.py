@@ -12,7 +12,7 @@ or only a log line, a grid's prompts, or the order of an epoch's prompts.) The b
 hour, the profile's sums, order, GPU times and shares, channels-last) were caught when planted. pretrain.py (which makes
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
 were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
-errors were missed and got a test. The nine in what --precision auto and --compile auto pick on each GPU, and in the
+errors were missed and got a test. The eleven in what --precision auto and --compile auto pick on each GPU, and in the
 tiny preset's eager run, were caught when planted.
 
     python tests/mutants.py            # every mutant
@@ -33,6 +33,7 @@ TESTS = {  # which tests guard which file
     "nanoddpo/cli.py": ["tests/test_6_bench.py",
                         "tests/test_3_train.py::test_auto_precision_and_compile_fit_the_gpu",
                         "tests/test_3_train.py::test_asking_a_gpu_for_what_it_lacks_is_one_line",
+                        "tests/test_3_train.py::test_auto_is_what_the_device_train_py_runs_on_fits",
                         "tests/test_4_rewards.py::test_reward_device_is_this_process_gpu",
                         "tests/test_3_train.py::test_ctrl_c_is_one_line_that_says_how_to_go_on",
                         "tests/test_3_train.py::test_out_of_memory_is_one_line_that_says_what_to_lower"],
@@ -393,7 +394,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/learned_rewards.py", "recall = (best * ref_weight).sum(1) / ref_weight.sum(1)", "recall = best.mean(1)"),
  # what --precision auto and --compile auto mean on each GPU, and who asks
  ("nanoddpo/cli.py", '"bf16" if major >= 8 else "fp16"', '"bf16" if major >= 7 else "fp16"'),
- ("nanoddpo/cli.py", "if gpu_generation(device) < 7:", "if gpu_generation(device) < 6:"),
+ ("nanoddpo/cli.py", "if (major := gpu_generation(device)) < 7:", "if (major := gpu_generation(device)) < 6:"),
  ("nanoddpo/cli.py", 'importlib.util.find_spec("triton") is None', 'importlib.util.find_spec("torch") is None'),
  ("nanoddpo/settings.py", 'cli.auto_precision(gpu) != "bf16"', 'cli.auto_precision(gpu) == "bf16"'),
  ("nanoddpo/settings.py", 'if cuda and s.compile == "on" and (why := cli.compile_blocker(gpu)):',
@@ -402,6 +403,10 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
   'precision = ("bf16" if cuda else "fp32") if s.precision == "auto"'),
  ("train.py", "use_compile = cli.auto_compile(device) if", "use_compile = cuda if"),
  ("train.py", 'grid_every=4, compile="off"),', "grid_every=4),"),
+ ("nanoddpo/cli.py", "return torch.autocast(torch.device(device).type, torch_dtype(precision))",
+  "return torch.autocast(torch.device(device).type, torch.bfloat16)"),
+ ("sample.py", "autocast = autocast_to(sd.device, auto_precision(sd.device))",
+  'autocast = autocast_to(sd.device, "bf16") if sd.device.type == "cuda" else None'),
  ("nanoddpo/learned_rewards.py", "dtype or torch_dtype(auto_precision(device))",
   "dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32)"),
 ]

@@ -1,4 +1,5 @@
 """train.py: the RL math (losses, advantages), then whole runs at tiny settings: outputs, resume, bad input."""
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -760,6 +761,14 @@ def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
     gpu["capability"] = (9, 0)
     assert (cli.auto_precision("cuda"), cli.auto_compile("cuda")) == ("bf16", False)  # on an H100 without Triton
+    # the context the models run in: autocast to that precision on that device, nothing at all for fp32
+    assert isinstance(cli.autocast_to("cpu", "fp32"), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... disabling autocast" on this machine
+        for device, precision, dtype in (("cpu", "bf16", torch.bfloat16), ("cuda:0", "fp16", torch.float16),
+                                         (torch.device("cuda"), "bf16", torch.bfloat16)):
+            context = cli.autocast_to(device, precision)
+            assert (context.device, context.fast_dtype) == (torch.device(device).type, dtype)
 
 
 def test_asking_a_gpu_for_what_it_lacks_is_one_line(monkeypatch, command_line):

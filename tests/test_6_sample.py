@@ -4,6 +4,7 @@ failing with one clear line instead of a traceback.
 
     python -m pytest -x -q tests/test_6_sample.py
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -293,6 +294,18 @@ def test_custom_reward(workdir, tiny_model_dir, monkeypatch, capsys):
     with pytest.raises(UsageError) as exit_info:
         script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--reward", "my_reward.py:nope"]))
     assert "reward my_reward.py:nope: nope is not defined in my_reward.py (its functions: score)" in str(exit_info.value)
+
+
+def test_sample_runs_in_the_precision_train_py_picks_for_the_device(workdir, tiny_model_dir, monkeypatch):
+    # bf16 autocast on every GPU would be emulated on a T4 or V100: sample.py asks, as train.py does (cli.autocast_to)
+    monkeypatch.chdir(workdir)
+    script, asked = load_sample_script(), []
+    monkeypatch.setattr(script, "auto_precision", lambda device: asked.append(str(device)) or "fp32")
+    monkeypatch.setattr(script, "autocast_to", lambda device, precision: asked.append((str(device), precision)) or
+                        contextlib.nullcontext())
+    script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "1", "--ckpt", "base",
+                                          "--prompts", "a cat", "--out", "precision.png"]))
+    assert asked == ["cpu", ("cpu", "fp32")]
 
 
 def test_default_checkpoint_is_the_newest_runs_latest(tmp_path):
