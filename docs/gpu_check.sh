@@ -3,8 +3,8 @@
 # changed). A lent GPU here has 15 minutes in all and one device call at most 10, so best as two calls on the same warm
 # machine (the random folder and inductor's caches stay in /tmp):
 #
-#   OUT=runs/gpu bash docs/gpu_check.sh tb16 tb16+cudnn          # from the repo root, on a machine with one CUDA GPU
-#   OUT=runs/gpu bash docs/gpu_check.sh tb32+cudnn+nhwc+mm1x1    # a second call: the knobs that helped, at batch 32
+#   OUT=runs/gpu bash docs/gpu_check.sh tb32+nhwc+mm1x1     # from the repo root, on a machine with one CUDA GPU
+#   OUT=runs/gpu bash docs/gpu_check.sh tb32+autotune        # a second call (a stage alone may use the whole call)
 #
 # A stage is tb16 (sampling batch 16, train batch 16) or tb32 (both 32), one batch an epoch, one optimizer step an
 # epoch, with any of these knobs joined by +:
@@ -15,10 +15,12 @@
 #           the training call alone was 1.9% faster on the sixth lent H200, sampling under it never timed;
 #   mm1x1   torch._inductor.config.conv_1x1_as_mm = True: the 1x1 convs (proj_in / proj_out of every transformer,
 #           the skip convs) become matmuls in the forward, without cuDNN's NCHW<->NHWC copies around them (13.6 ms
-#           of the 201.8 ms training call on the sixth H200, over all convs).
-# What is still unknown (docs/RESULTS.md, "The sixth lent H200"): any figure from an H100 (the target is 4,500
-# trajectories per H100-hour; the best so far is 3,962-3,964 per H200-hour at tb16, stop 28), and these knobs end to end.
-# train.py's train time now waits for the GPU (commit 8342aa7), so tb16 may read 0.5-1% under stop 28's figure.
+#           of the 201.8 ms training call on the sixth H200, over all convs);
+#   autotune torch.compile(mode="max-autotune-no-cudagraphs"): inductor times Triton templates against cuBLAS and
+#           cuDNN for every matmul and conv shape and keeps the fastest (CUDA graphs stay off: pytorch/pytorch#169545).
+#           Its compile is far longer; run it alone in a call.
+# Measured (docs/RESULTS.md, "The first lent H100"): tb16 3,750 trajectories per H100-hour, tb32 3,917, cudnn no gain.
+# The target is 4,500. Still unknown end to end: nhwc, mm1x1, autotune. Next: tb32+nhwc+mm1x1, then tb32+autotune.
 # Epoch 0 compiles (about 3.5 minutes cold); epoch 1 is the throughput. Each stage has its own time limit, so one slow
 # stage cannot eat the other; logs and metrics land in $OUT.
 set -u
@@ -55,21 +57,27 @@ compile = torch.compile
 def patched(module, **kw):
     if 'nhwc' in knobs:
         module = module.to(memory_format=torch.channels_last)
+    if 'autotune' in knobs:
+        kw['mode'] = 'max-autotune-no-cudagraphs'
+    print(f'gpu_check.sh: knobs {knobs}, torch.compile({type(module).__name__}, {kw})')
     return compile(module, **kw)
 torch.compile = patched
 sys.argv[0] = 'train.py'; train.main(*train.parse_settings())"
 RUNS=${*:-tb16 tb16+cudnn}
+LIMIT=330  # seconds a stage, when there are several; a stage alone may use the whole deadline
+(($# == 1)) && LIMIT=$DEADLINE
 for run in $RUNS; do
     IFS=+ read -r size knobs <<< "$run"
     case $size in
         tb16) batch=16 ;;
         tb32) batch=32 ;;
-        *) echo "gpu_check.sh: unknown stage $run (tb16 or tb32, then +cudnn, +nhwc, +mm1x1)"; exit 1 ;;
+        *) echo "gpu_check.sh: unknown stage $run (tb16 or tb32, then +cudnn, +nhwc, +mm1x1, +autotune)"; exit 1 ;;
     esac
     for knob in ${knobs//+/ }; do
-        [[ $knob =~ ^(cudnn|nhwc|mm1x1)$ ]] || { echo "gpu_check.sh: unknown knob $knob in $run (cudnn, nhwc, mm1x1)"; exit 1; }
+        [[ $knob =~ ^(cudnn|nhwc|mm1x1|autotune)$ ]] ||
+            { echo "gpu_check.sh: unknown knob $knob in $run (cudnn, nhwc, mm1x1, autotune)"; exit 1; }
     done
-    KNOBS="${knobs//+/ }" stage "${run//+/_}" 330 python3 -c "$PATCHED" $ARGS --batch-size $batch --train-batch-size $batch \
+    KNOBS="${knobs//+/ }" stage "${run//+/_}" $LIMIT python3 -c "$PATCHED" $ARGS --batch-size $batch --train-batch-size $batch \
         --name "${run//+/_}"
 done
 for run in $RUNS; do
