@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -79,13 +80,23 @@ def autocast_to(device, precision):
 
 
 def compile_blocker(device):
-    """Why torch.compile cannot build kernels for this GPU, or None. Its GPU compiler, Triton, needs compute capability 7
-    (a V100 on), and is a package of its own: torch's Linux CUDA wheels bring it, its Windows wheels do not."""
+    """Why torch.compile cannot build kernels on this device, or None. On a GPU its compiler, Triton, needs compute
+    capability 7 (a V100 on), is a package of its own (torch's Linux CUDA wheels bring it, its Windows wheels do not),
+    and builds each kernel's launcher with a C compiler: $CC, else gcc, else clang. On a CPU, inductor writes C++ and
+    builds it with $CXX, else g++ (clang++ on a Mac). Slim container images often have neither compiler."""
+    if gpu_generation(device) == 0:
+        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        if platform.system() != "Windows" and not shutil.which(cxx):
+            return f"torch.compile builds C++ for the CPU with {cxx} ($CXX), which is not installed here (install g++)"
+        return None
     if (major := gpu_generation(device)) < 7:
         return f"torch.compile's GPU compiler (Triton) needs compute capability 7 or more (a V100 on); this GPU has " \
                f"{major}"
     if importlib.util.find_spec("triton") is None:
         return "torch.compile's GPU compiler, Triton, is not installed here (torch's Linux CUDA wheels bring it)"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "torch.compile's GPU compiler, Triton, needs a C compiler (install gcc) to build its kernel launchers, " \
+               "and finds none here ($CC, gcc, clang)"
     return None
 
 

@@ -103,8 +103,11 @@ def check_settings(s, world=1, given=(), warn=True):
     cuda = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     need(s.precision in ("auto", "fp32") or cuda, "precision", "bf16/fp16 need a GPU; on the CPU use fp32 (auto)")
     gpu = "cuda" if s.device == "auto" else s.device  # what this GPU can run; auto picks what it runs fastest
-    if cuda and s.compile == "on" and (why := cli.compile_blocker(gpu)):
-        raise cli.UsageError(f"--compile on: {why}: use --compile off")
+    blocker = cli.compile_blocker(gpu if cuda else "cpu") if s.compile != "off" else None
+    if s.compile == "on" and blocker:
+        raise cli.UsageError(f"--compile on: {blocker}: use --compile off")
+    if warn and cuda and s.compile == "auto" and blocker:  # auto runs eager then; say why it is slower than it could be
+        warnings.warn(f"--compile auto: runs eager (slower): {blocker}")
     if warn and cuda and s.precision == "bf16" and cli.auto_precision(gpu) != "bf16":
         warnings.warn("--precision bf16: this GPU has no bf16 tensor cores (they came with compute capability 8, "
                       "Ampere): bf16 runs emulated and slowly, and torch.compile's bf16 kernels fail to build; fp16 "

@@ -13,7 +13,7 @@ hour, the profile's sums, order, GPU times and shares, channels-last) were caugh
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
 were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
 errors were missed and got a test. The eleven in what --precision auto and --compile auto pick on each GPU, and in the
-tiny preset's eager run, were caught when planted.
+tiny preset's eager run, were caught when planted, as were the four in the C and C++ compilers torch.compile needs.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -397,8 +397,14 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/cli.py", "if (major := gpu_generation(device)) < 7:", "if (major := gpu_generation(device)) < 6:"),
  ("nanoddpo/cli.py", 'importlib.util.find_spec("triton") is None', 'importlib.util.find_spec("torch") is None'),
  ("nanoddpo/settings.py", 'cli.auto_precision(gpu) != "bf16"', 'cli.auto_precision(gpu) == "bf16"'),
- ("nanoddpo/settings.py", 'if cuda and s.compile == "on" and (why := cli.compile_blocker(gpu)):',
-  'if cuda and s.compile == "on" and (why := cli.compile_blocker("cpu")):'),
+ ("nanoddpo/settings.py", 'blocker = cli.compile_blocker(gpu if cuda else "cpu")',
+  'blocker = cli.compile_blocker("cpu" if cuda else gpu)'),
+ # the compilers torch.compile builds with (a slim container image has none), and the warning when auto runs eager
+ ("nanoddpo/cli.py", 'if not (os.environ.get("CC") or shutil.which("gcc")', 'if not (shutil.which("gcc")'),
+ ("nanoddpo/cli.py", 'or shutil.which("clang")):', 'or shutil.which("clang++")):'),
+ ("nanoddpo/cli.py", 'cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")', 'cxx = "g++"'),
+ ("nanoddpo/settings.py", 'if warn and cuda and s.compile == "auto" and blocker:',
+  'if warn and cuda and s.compile == "on" and blocker:'),
  ("train.py", 'precision = cli.auto_precision(device) if s.precision == "auto"',
   'precision = ("bf16" if cuda else "fp32") if s.precision == "auto"'),
  ("train.py", "use_compile = cli.auto_compile(device) if", "use_compile = cuda if"),

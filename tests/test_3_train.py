@@ -749,6 +749,10 @@ def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
     find_spec = importlib.util.find_spec  # Triton, the GPU compiler, is installed (not on this CPU-only machine)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("torch") if name == "triton" else
                         find_spec(name, *a))
+    installed = {"gcc", "g++"}  # the C and C++ compilers that Triton and inductor build with (whatever this machine has)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
     for capability, precision, dtype, compiles in (((9, 0), "bf16", torch.bfloat16, True),  # H100
                                                    ((8, 6), "bf16", torch.bfloat16, True),  # RTX 30xx
                                                    ((7, 5), "fp16", torch.float16, True),  # T4
@@ -761,6 +765,24 @@ def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
     gpu["capability"] = (9, 0)
     assert (cli.auto_precision("cuda"), cli.auto_compile("cuda")) == ("bf16", False)  # on an H100 without Triton
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("torch") if name == "triton" else
+                        find_spec(name, *a))
+    # Triton builds each kernel's launcher with $CC, else gcc, else clang: a slim container image may have none
+    for compilers, cc, compiles in (({"gcc"}, None, True), ({"clang"}, None, True), (set(), None, False),
+                                    (set(), "/opt/bin/cc", True), ({"g++", "clang++"}, None, False)):
+        installed.clear(), installed.update(compilers)
+        monkeypatch.setenv("CC", cc) if cc else monkeypatch.delenv("CC", raising=False)
+        assert cli.auto_compile("cuda") is compiles, (compilers, cc)
+        assert (cli.compile_blocker("cuda") is None) is compiles
+    assert "needs a C compiler" in cli.compile_blocker("cuda")
+    # on a CPU inductor builds C++ with $CXX, else g++ (clang++ on a Mac); auto stays eager there either way
+    monkeypatch.setattr(sys, "platform", "linux")
+    for compilers, cxx, blocked in (({"g++"}, None, False), ({"gcc", "clang++"}, None, True),
+                                    ({"clang++"}, "clang++", False), ({"g++"}, "icpx", True)):
+        installed.clear(), installed.update(compilers)
+        monkeypatch.setenv("CXX", cxx) if cxx else monkeypatch.delenv("CXX", raising=False)
+        assert (cli.compile_blocker("cpu") is not None) is blocked, (compilers, cxx)
+        assert cli.auto_compile("cpu") is False
     # the context the models run in: autocast to that precision on that device, nothing at all for fp32
     assert isinstance(cli.autocast_to("cpu", "fp32"), contextlib.nullcontext)
     with warnings.catch_warnings():
@@ -787,6 +809,26 @@ def test_asking_a_gpu_for_what_it_lacks_is_one_line(monkeypatch, command_line):
                                                              "compiler, Triton, is not installed here (torch's Linux "
                                                              "CUDA wheels bring it): use --compile off")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "triton")  # installed
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # but no C compiler (a slim container image)
+    monkeypatch.delenv("CC", raising=False)
+    assert command_line("train.py", ["--compile", "on"]) == (1, "train.py: error: --compile on: torch.compile's GPU "
+                                                             "compiler, Triton, needs a C compiler (install gcc) to "
+                                                             "build its kernel launchers, and finds none here ($CC, "
+                                                             "gcc, clang): use --compile off")
+    with pytest.warns(UserWarning, match=r"^--compile auto: runs eager \(slower\): torch.compile's GPU compiler, "
+                                         r"Triton, needs a C compiler \(install gcc\)"):
+        train.parse_settings(["--preset", "sd14"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU: inductor needs a C++ compiler there
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert command_line("train.py", ["--compile", "on"]) == (1, "train.py: error: --compile on: torch.compile builds "
+                                                             "C++ for the CPU with g++ ($CXX), which is not installed "
+                                                             "here (install g++): use --compile off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto is eager on a CPU anyway: nothing to say
+        train.parse_settings(["--preset", "sd14", "--compile", "auto"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     gpu["capability"] = (7, 5)  # a T4: bf16 is allowed, with a warning that says what fits
     with pytest.warns(UserWarning, match=r"--precision bf16: this GPU has no bf16 tensor cores .* fp16 \(auto\) is"):
         train.parse_settings(["--precision", "bf16", "--compile", "on"])
