@@ -628,11 +628,21 @@ def resolve_model(path=None):
             refuse_unsupported(path)  # it must exist, and be a .safetensors file: never a pickle
         elif Path(path).is_file():  # model_index.json, unet/config.json, ...: the folder was meant
             raise LoadError(f"{path} is a file: give the model folder (or one .safetensors file). {HOW_TO_GET}")
-        elif not Path(path).is_dir():
-            raise LoadError(f"model folder {path} does not exist. {HOW_TO_GET}")
+        else:
+            check_layout(Path(path))  # said before a run starts, not when the weights load
         return Path(path)
     full = WEIGHTS / "stable-diffusion-v1-4"
     return full if full.is_dir() else WEIGHTS / "tiny"
+
+
+def check_layout(root):
+    """A LoadError unless `root` is a folder in the published layout (the files in each are checked as they load)."""
+    if not root.is_dir():
+        raise LoadError(f"model folder {root} does not exist. {HOW_TO_GET}")
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not (root / name).is_dir():
+            raise LoadError(f"{root} has no {name}/ folder: a Stable Diffusion folder holds unet/, vae/, "
+                            f"text_encoder/ and tokenizer/. {HOW_TO_GET}")
 
 
 def fingerprint(unet_cfg):
@@ -690,12 +700,7 @@ class StableDiffusion(nn.Module):
         if is_single_file(path):
             return cls.from_single_file(path, device, dtype, config, ema)
         root = Path(path)
-        if not root.is_dir():
-            raise LoadError(f"model folder {root} does not exist. {HOW_TO_GET}")
-        for name in ("unet", "vae", "text_encoder", "tokenizer"):
-            if not (root / name).is_dir():
-                raise LoadError(f"{root} has no {name}/ folder: a Stable Diffusion folder holds unet/, vae/, "
-                                f"text_encoder/ and tokenizer/. {HOW_TO_GET}")
+        check_layout(root)
         cfgs = [read_config(root / name / "config.json") for name, *_ in COMPONENTS]
         sd = cls(*cfgs, load_tokenizer(root / "tokenizer"), init=False)
         for name, stem, _, _ in COMPONENTS:

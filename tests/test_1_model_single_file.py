@@ -198,6 +198,8 @@ def test_resolve_model_takes_a_file_or_a_dotted_folder(tiny_file, tiny_model_dir
     assert resolve_model(str(dotted)) == dotted
     with pytest.raises(LoadError, match=r"config.json is a file: give the model folder \(or one .safetensors"):
         resolve_model(str(tiny_model_dir / "unet" / "config.json"))  # a file of the folder, not the folder
+    with pytest.raises(LoadError, match=r"has no unet/ folder: a Stable Diffusion folder holds unet/, vae/"):
+        resolve_model(str(tiny_model_dir.parent))  # the folder above it: said before a run starts, not at loading
     with pytest.raises(LoadError, match="is a folder: give a single .safetensors file here"):
         refuse_unsupported(str(tiny_model_dir))
 

@@ -713,6 +713,7 @@ BAD_SETTINGS = [  # (flags, what the one line must say); each is refused before 
     (["--batch-size", "6", "--batches-per-epoch", "1", "--train-batch-size", "2", "--grad-accum", "1",
       "--images-per-prompt", "4"], "--images-per-prompt 4: must divide the samples per epoch (6)"),
     (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
+    (["--model", "nanoddpo"], "nanoddpo has no unet/ folder"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no run there"),
 ]
 if not torch.cuda.is_available():
