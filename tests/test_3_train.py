@@ -634,8 +634,9 @@ def test_resume_refuses_what_cannot_continue(tmp_path, tiny_model_dir):
 def test_each_preset_takes_its_own_model(tmp_path, command_line, monkeypatch):
     # The tiny preset's settings (batch 64, full fine-tuning, a clip range for 8x8x4 latents) are for the tiny model:
     # without --model it trains the tiny model even where SD v1-4 is downloaded, and sd14 never falls back to tiny.
-    (tmp_path / "stable-diffusion-v1-4").mkdir()
-    (tmp_path / "tiny").mkdir()
+    for folder in ("stable-diffusion-v1-4", "tiny"):  # the published layout, without the files
+        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+            (tmp_path / folder / part).mkdir(parents=True)
     monkeypatch.setattr("nanoddpo.settings.WEIGHTS", tmp_path)
     loaded = []
     def stop(path, *args, **kwargs):
@@ -644,7 +645,7 @@ def test_each_preset_takes_its_own_model(tmp_path, command_line, monkeypatch):
     monkeypatch.setattr(train.StableDiffusion, "from_pretrained", stop)
     assert command_line("train.py", ["--out-dir", tmp_path / "runs"]) == (1, "train.py: error: stop here")
     assert loaded == [tmp_path / "tiny"]
-    (tmp_path / "stable-diffusion-v1-4").rmdir()
+    shutil.rmtree(tmp_path / "stable-diffusion-v1-4")
     monkeypatch.setattr(train.StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     status, err = command_line("train.py", ["--preset", "sd14", "--out-dir", tmp_path / "runs"])
     assert status == 1 and err == ("train.py: error: --preset sd14: SD v1-4 is not in weights/stable-diffusion-v1-4: "
