@@ -95,8 +95,8 @@ def compile_blocker(device):
     if importlib.util.find_spec("triton") is None:
         return "torch.compile's GPU compiler, Triton, is not installed here (torch's Linux CUDA wheels bring it)"
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        return "torch.compile's GPU compiler, Triton, needs a C compiler (install gcc) to build its kernel launchers, " \
-               "and finds none here ($CC, gcc, clang)"
+        return "torch.compile's GPU compiler, Triton, needs a C compiler (install gcc) to build its kernel " \
+               "launchers, and finds none here ($CC, gcc, clang)"
     return None
 
 
