@@ -120,7 +120,8 @@ def get_reward(name):
 
 
 def unknown_reward(name):
-    return f"unknown reward {name!r}; choose one of: {', '.join(REWARDS)}, or your own function as path/to/file.py:function"
+    """What train.py and sample.py say for a --reward they do not know."""
+    return f"--reward {name}: choose one of {', '.join(REWARDS)}, or your own path/to/file.py:function"
 
 
 class CustomReward:

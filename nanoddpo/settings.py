@@ -23,7 +23,7 @@ from nanoddpo import cli
 from nanoddpo.checkpoint import run_state
 from nanoddpo.model import WEIGHTS, resolve_model
 from nanoddpo.prompts import PromptError, load_prompts
-from nanoddpo.rewards import REWARDS, check_reward, is_custom_reward
+from nanoddpo.rewards import REWARDS, check_reward, is_custom_reward, unknown_reward
 
 CHOICES = dict(algo=("ppo", "reinforce", "rwr", "rwr-sparse"), precision=("auto", "fp32", "bf16", "fp16"),
                compile=("auto", "on", "off"))  # --preset is checked where presets are applied (preset_settings)
@@ -76,8 +76,8 @@ def check_settings(s, world=1, given=(), warn=True):
              "--algo reinforce makes one update of each epoch's samples: leave it out")
     for field, choices in CHOICES.items():
         need(getattr(s, field) in choices, field, f"choose one of {', '.join(choices)}")
-    need(s.reward in REWARDS or is_custom_reward(s.reward), "reward",
-         f"choose one of {', '.join(REWARDS)}, or your own path/to/file.py:function")
+    if not (s.reward in REWARDS or is_custom_reward(s.reward)):
+        raise cli.UsageError(unknown_reward(s.reward))
     for field in ("epochs", "batch_size", "batches_per_epoch", "images_per_prompt", "train_batch_size", "grad_accum",
                   "num_inner_epochs", "stat_buffer", "stat_min_count", "lora_rank", "save_every", "keep_checkpoints",
                   "grid_every", "num_steps"):

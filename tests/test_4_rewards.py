@@ -128,7 +128,7 @@ def test_custom_reward_load_errors(custom_file, tmp_path):
     (tmp_path / "bad.py").write_text("import not_a_module_anywhere\n")
     with pytest.raises(ValueError, match=r"bad.py:score: importing .*bad.py raised ModuleNotFoundError"):
         get_reward(f"{tmp_path / 'bad.py'}:score")
-    with pytest.raises(ValueError, match="or your own function as path/to/file.py:function"):
+    with pytest.raises(ValueError, match="^--reward jpg: choose one of jpeg, .*, or your own path/to/file.py:func"):
         check_reward("jpg", ["p"])
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\ndef score(images, prompts):\n    sys.exit(3)\n")
     with pytest.raises(UsageError, match=r"exits.py:score: importing .*exits.py raised SystemExit: 0"):
@@ -577,7 +577,7 @@ def test_check_reward_unknown_name_lists_choices():
     from nanoddpo.rewards import check_reward
     with pytest.raises(ValueError) as err:
         check_reward("aesthetics", ["cat"])
-    assert "unknown reward 'aesthetics'" in str(err.value)
+    assert str(err.value).startswith("--reward aesthetics: choose one of ")
     assert all(name in str(err.value) for name in REWARDS)
     check_reward("jpeg", ["cat", "tench, Tinca tinca"])  # the jpeg rewards score any prompt
     check_reward("jpeg-incompressibility", ["cat"])

@@ -191,7 +191,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
     (["--model", "no/such/model"], "no/such/model does not exist"),
     (["--ckpt", "runs/nope"], "--ckpt runs/nope: no such checkpoint or run folder"),
     (["--ckpt", "base", "runs/demo/checkpoints"], "--ckpt runs/demo/checkpoints: holds no checkpoint: give a run folder"),
-    (["--reward", "beauty"], "unknown reward 'beauty'; choose one of: jpeg"),
+    (["--reward", "beauty"], "--reward beauty: choose one of jpeg, jpeg-incompressibility"),  # as train.py says
     (["--reward", "tinyworld", "--prompts", "a cat"], "1 of 1 prompts are not, e.g. 'a cat'"),
 ]
 
