@@ -120,10 +120,10 @@ def fill_defaults(a, cuda):
     a.parts = a.parts.split(",")
     bad = [p for p in a.precisions if p not in PRECISIONS]
     if bad:
-        raise UsageError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precisions {bad[0]}: choose from {', '.join(PRECISIONS)}")
     bad = [p for p in a.parts if p not in PARTS]
     if bad:
-        raise UsageError(f"unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
+        raise UsageError(f"--parts {bad[0]}: choose from {', '.join(PARTS)}")
     if a.trajectories % a.batch or a.trajectories % a.train_batch:
         raise UsageError(f"--trajectories {a.trajectories} must be a multiple of --batch and --train-batch")
     return a

@@ -203,8 +203,8 @@ def test_profiled_names_by_kind_of_work(name, kind):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
-    (["--precisions", "fp8"], "unknown precision 'fp8'"),
-    (["--parts", "sample,vae"], "unknown part 'vae'"),
+    (["--precisions", "fp8"], "--precisions fp8: choose from fp32, bf16, fp16"),
+    (["--parts", "sample,vae"], "--parts vae: choose from sample, full, lora, epoch"),
     (["--batch", "x"], "--batch: x: expected a whole number"),  # argparse's own errors too, exit code 1 not 2
 ])
 def test_bad_input_is_one_clear_line(args, message):
