@@ -84,12 +84,13 @@ def compile_blocker(device):
     capability 7 (a V100 on), is a package of its own (torch's Linux CUDA wheels bring it, its Windows wheels do not),
     and builds each kernel's launcher with a C compiler: $CC, else gcc, else clang. On a CPU, inductor writes C++ and
     builds it with $CXX, else g++ (clang++ on a Mac). Slim container images often have neither compiler."""
-    if gpu_generation(device) == 0:
+    major = gpu_generation(device)
+    if major == 0:
         cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
         if platform.system() != "Windows" and not shutil.which(cxx):
             return f"torch.compile builds C++ for the CPU with {cxx} ($CXX), which is not installed here (install g++)"
         return None
-    if (major := gpu_generation(device)) < 7:
+    if major < 7:
         return f"torch.compile's GPU compiler (Triton) needs compute capability 7 or more (a V100 on); this GPU has " \
                f"{major}"
     if importlib.util.find_spec("triton") is None:

@@ -394,7 +394,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/learned_rewards.py", "recall = (best * ref_weight).sum(1) / ref_weight.sum(1)", "recall = best.mean(1)"),
  # what --precision auto and --compile auto mean on each GPU, and who asks
  ("nanoddpo/cli.py", '"bf16" if major >= 8 else "fp16"', '"bf16" if major >= 7 else "fp16"'),
- ("nanoddpo/cli.py", "if (major := gpu_generation(device)) < 7:", "if (major := gpu_generation(device)) < 6:"),
+ ("nanoddpo/cli.py", "    if major < 7:", "    if major < 6:"),
  ("nanoddpo/cli.py", 'importlib.util.find_spec("triton") is None', 'importlib.util.find_spec("torch") is None'),
  ("nanoddpo/settings.py", 'cli.auto_precision(gpu) != "bf16"', 'cli.auto_precision(gpu) == "bf16"'),
  ("nanoddpo/settings.py", 'blocker = cli.compile_blocker(gpu if cuda else "cpu")',
