@@ -14,7 +14,10 @@ A variant is `eager` or `compiled` (torch.compile's default mode) with any of th
   -forced  inductor's layout optimisation forced on (compiled only: its heuristic leaves it off for a training graph
            with a conv whose input has at least twice its output's channels, as SD's up blocks have);
   -flash   attention through FlashAttention-2 only (torch picks cuDNN's fused attention on an H100 / H200 otherwise:
-           27% of the compiled call's kernel time at train batch 16, its backward 2.6x its forward).
+           27% of the compiled call's kernel time at train batch 16, its backward 2.6x its forward);
+  -mm1x1   inductor's 1x1 convs as matmuls (compiled only; torch._inductor.config.conv_1x1_as_mm);
+  -autotune  torch.compile's max-autotune-no-cudagraphs (compiled only): inductor times Triton templates against
+           cuBLAS and cuDNN for each matmul and conv shape and keeps the fastest (its compile takes far longer).
 On the sixth lent H200 (docs/RESULTS.md), against compiled's 201.8 ms: -nhwc 198.0, -forced 203.5, -flash 241.6.
 """
 import json
@@ -32,10 +35,11 @@ from nanoddpo.lora import add_lora, lora_parameters
 B, variants = int(sys.argv[1]), sys.argv[2:] or ["eager", "eager-nhwc", "compiled"]
 for v in variants:
     base, *options = v.split("-")
-    if base not in ("eager", "compiled") or not set(options) <= {"nhwc", "forced", "flash"} or \
-            (base == "eager" and "forced" in options):
-        sys.exit(f"profile_lora_call.py: a variant is eager or compiled with suffixes -nhwc, -forced (compiled only), "
-                 f"-flash, as in compiled-forced-flash; got {v}")
+    compiled_only = {"forced", "mm1x1", "autotune"}
+    if base not in ("eager", "compiled") or not set(options) <= {"nhwc", "flash", *compiled_only} or \
+            (base == "eager" and set(options) & compiled_only):
+        sys.exit(f"profile_lora_call.py: a variant is eager or compiled with suffixes -nhwc, -flash, and for compiled "
+                 f"-forced, -mm1x1, -autotune, as in compiled-forced-flash; got {v}")
 device = torch.device("cuda")
 # Every variant compiles afresh. With inductor's caches on, a second compile in this process (after _dynamo.reset) of the
 # same UNet is a cache hit and keeps the first variant's attention kernels: on the fifth lent H200, "compiled-flash"
@@ -67,8 +71,10 @@ for variant in variants:
     torch._dynamo.reset()
     options = variant.split("-")[1:]
     torch._inductor.config.force_layout_optimization = "forced" in options
+    torch._inductor.config.conv_1x1_as_mm = "mm1x1" in options
     sd.unet.to(memory_format=torch.channels_last if "nhwc" in options else torch.contiguous_format)
-    unet = sd.unet if variant.startswith("eager") else torch.compile(sd.unet, dynamic=False)
+    mode = "max-autotune-no-cudagraphs" if "autotune" in options else None  # None: torch.compile's default
+    unet = sd.unet if variant.startswith("eager") else torch.compile(sd.unet, mode=mode, dynamic=False)
     call = bench.training_call(unet, ddim, x, params, autocast)
     if "flash" in options:  # the backend is chosen when the call is traced, so the first call must see it too
         call = flash_only(call)
