@@ -13,7 +13,8 @@ hour, the profile's sums, order, GPU times and shares, channels-last) were caugh
 weights/tiny) had no test of its maths until tests of its schedules, VAE prior and moments, latent scale and objective
 were written; the eleven planted there were then caught. Of six planted in plot.py, the two in the trade-off's standard
 errors were missed and got a test. The eleven in what --precision auto and --compile auto pick on each GPU, and in the
-tiny preset's eager run, were caught when planted, as were the four in the C and C++ compilers torch.compile needs.
+tiny preset's eager run, were caught when planted, as were the four in the C and C++ compilers torch.compile needs
+and the one in the model folder's layout.
 
     python tests/mutants.py            # every mutant
     python tests/mutants.py 3 17       # some of them, by index
@@ -245,6 +246,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/model.py", 'vae_cfg.get("scaling_factor", 0.18215)', 'vae_cfg.get("scaling_factor", 1.0)'),
  ("nanoddpo/model.py", 'f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)', 'f = 2 ** len(vae_cfg["block_out_channels"])'),
  ("nanoddpo/model.py", "return self.quant_conv(h).chunk(2, dim=1)[0]", "return self.quant_conv(h).chunk(2, dim=1)[1]"),
+ ("nanoddpo/model.py", 'for name in ("unet", "vae", "text_encoder", "tokenizer"):', 'for name in ("unet", "vae", "text_encoder"):'),
  ("nanoddpo/single_file.py", '"conv2": "out_layers.3"', '"conv2": "out_layers.2"'),
  ("nanoddpo/single_file.py", "k = 1 + i * (layers + 1) + j", "k = i * (layers + 1) + j"),
  ("nanoddpo/single_file.py", "{2 if attention else 1}.conv", "{1 if attention else 2}.conv"),

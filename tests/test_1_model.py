@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from nanoddpo.model import LoadError, StableDiffusion
+from nanoddpo.model import LoadError, StableDiffusion, resolve_model
 from conftest import TINY_UNET, TINY_VAE
 
 
@@ -202,10 +202,12 @@ def test_half_precision_variant_files(sd, tiny_model_dir, tmp_path, dtype):
 def test_missing_path_and_folders(tiny_model_dir, tmp_path):
     with pytest.raises(LoadError, match="does not exist"):
         StableDiffusion.from_pretrained(tmp_path / "nowhere")
-    root = copy_model(tiny_model_dir, tmp_path / "novae")
-    shutil.rmtree(root / "vae")
-    with pytest.raises(LoadError, match="no vae/ folder"):
-        StableDiffusion.from_pretrained(root)
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):  # each named, before any weights load or a run starts
+        root = copy_model(tiny_model_dir, tmp_path / f"no_{part}")
+        shutil.rmtree(root / part)
+        for load in (StableDiffusion.from_pretrained, resolve_model):
+            with pytest.raises(LoadError, match=f"has no {part}/ folder: a Stable Diffusion folder holds unet/, vae/"):
+                load(str(root))
 
 
 def test_truncated_unet_file(tiny_model_dir, tmp_path):
