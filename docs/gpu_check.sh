@@ -3,7 +3,7 @@
 # changed). A lent GPU here has 15 minutes in all and one device call at most 10, so best as two calls on the same warm
 # machine (the random folder and inductor's caches stay in /tmp):
 #
-#   OUT=runs/gpu bash docs/gpu_check.sh tb32+nhwc+mm1x1     # from the repo root, on a machine with one CUDA GPU
+#   OUT=runs/gpu bash docs/gpu_check.sh tb32 tb32+cudnn      # from the repo root, on a machine with one CUDA GPU
 #   OUT=runs/gpu bash docs/gpu_check.sh tb32+autotune        # a second call (a stage alone may use the whole call)
 #
 # A stage is tb16 (sampling batch 16, train batch 16) or tb32 (both 32), one batch an epoch, one optimizer step an
@@ -12,15 +12,17 @@
 #           fastest, instead of choosing by heuristics; the shapes never change in a run. It changes no compiled graph,
 #           so after a stage without it, inductor's caches make the compile about a minute instead of 3.5;
 #   nhwc    the UNet's 4-d weights (its convs) in NHWC, in place, before train.py compiles it (LoRA's are 2-d and stay):
-#           the training call alone was 1.9% faster on the sixth lent H200, sampling under it never timed;
+#           the training call alone was 1.9% faster on the sixth lent H200; with mm1x1, no gain end to end;
 #   mm1x1   torch._inductor.config.conv_1x1_as_mm = True: the 1x1 convs (proj_in / proj_out of every transformer,
 #           the skip convs) become matmuls in the forward, without cuDNN's NCHW<->NHWC copies around them (13.6 ms
 #           of the 201.8 ms training call on the sixth H200, over all convs);
 #   autotune torch.compile(mode="max-autotune-no-cudagraphs"): inductor times Triton templates against cuBLAS and
 #           cuDNN for every matmul and conv shape and keeps the fastest (CUDA graphs stay off: pytorch/pytorch#169545).
-#           Its compile is far longer; run it alone in a call.
-# Measured (docs/RESULTS.md, "The first lent H100"): tb16 3,750 trajectories per H100-hour, tb32 3,917, cudnn no gain.
-# The target is 4,500. Still unknown end to end: nhwc, mm1x1, autotune. Next: tb32+nhwc+mm1x1, then tb32+autotune.
+#           Its compile is far longer (unfinished after 4-5 minutes on the second H100); run it alone in a call.
+# Measured (docs/RESULTS.md, "The first lent H100" and "The second lent H100"): tb16 3,750 trajectories per H100-hour,
+# tb32 3,917; cudnn and nhwc+mm1x1 no gain; autotune's compile did not finish in the 4-5 minutes a call had left (it
+# times 17 Triton templates for each conv shape, 8.5-14 s a shape). The target is 4,500. No knob here is left to try
+# but autotune, which wants a machine held longer than a lent GPU's 15 minutes.
 # Epoch 0 compiles (about 3.5 minutes cold); epoch 1 is the throughput. Each stage has its own time limit, so one slow
 # stage cannot eat the other; logs and metrics land in $OUT.
 set -u

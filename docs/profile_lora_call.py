@@ -19,6 +19,7 @@ A variant is `eager` or `compiled` (torch.compile's default mode) with any of th
   -autotune  torch.compile's max-autotune-no-cudagraphs (compiled only): inductor times Triton templates against
            cuBLAS and cuDNN for each matmul and conv shape and keeps the fastest (its compile takes far longer).
 On the sixth lent H200 (docs/RESULTS.md), against compiled's 201.8 ms: -nhwc 198.0, -forced 203.5, -flash 241.6.
+On the second lent H100: compiled 218.4 ms; -autotune had not finished compiling after 4-5 minutes.
 """
 import json
 import os
