@@ -94,7 +94,8 @@ def main(args):
         args.steps = trained(ckpts, "num_steps", 50) if args.steps is None else args.steps
         args.eta = trained(ckpts, "eta", 1.0) if args.eta is None else args.eta
         args.guidance = trained(ckpts, "guidance_scale", 5.0) if args.guidance is None else args.guidance
-        why = "as the checkpoints were trained (else 50, 1, 5)" if ckpts != ["base"] else "the defaults (no checkpoint)"
+        why = "the defaults (no checkpoint)" if set(ckpts) == {"base"} else \
+            "as the checkpoints were trained (else 50, 1, 5)"
         print(f"DDIM steps {args.steps}, eta {args.eta}, guidance {args.guidance}: {why}; --steps, --eta and --guidance "
               f"to change")
     prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals

@@ -356,6 +356,9 @@ def test_each_cell_is_its_prompt_and_seed_on_its_own_rows_model(workdir, tiny_mo
         script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--ckpt", "base", "--out", "x.png"]))
     assert calls[-1]["num_steps"] == 50 and calls[-1]["eta"] == 1.0 and calls[-1]["guidance_scale"] == 5.0
     assert "DDIM steps 50, eta 1.0, guidance 5.0: the defaults (no checkpoint);" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # base twice (a seed-noise check) is still no checkpoint
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--ckpt", "base", "base"]))
+    assert "the defaults (no checkpoint);" in capsys.readouterr().out
 
 
 def test_paired_difference_is_the_mean_and_standard_error_of_per_image_differences(workdir, tiny_model_dir,
