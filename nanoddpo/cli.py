@@ -12,6 +12,7 @@ heavy runs, and never in a traceback:
     run("train.py", lambda: main(...))            # UsageError / LoadError -> that one line, exit code 1
 """
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import importlib.util
@@ -72,7 +73,6 @@ def torch_dtype(precision):
 def autocast_to(device, precision):
     """The context train.py, sample.py and the bench run the models in: torch.autocast to `precision` on `device`, or
     one that does nothing for fp32."""
-    import contextlib
     import torch
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -87,7 +87,7 @@ def compile_blocker(device):
     major = gpu_generation(device)
     if major == 0:
         cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
-        if platform.system() != "Windows" and not shutil.which(cxx):
+        if sys.platform != "win32" and not shutil.which(cxx):  # on Windows, MSVC: found its own way
             return f"torch.compile builds C++ for the CPU with {cxx} ($CXX), which is not installed here (install g++)"
         return None
     if major < 7:

@@ -405,6 +405,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/cli.py", 'if not (os.environ.get("CC") or shutil.which("gcc")', 'if not (shutil.which("gcc")'),
  ("nanoddpo/cli.py", 'or shutil.which("clang")):', 'or shutil.which("clang++")):'),
  ("nanoddpo/cli.py", 'cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")', 'cxx = "g++"'),
+ ("nanoddpo/cli.py", 'if sys.platform != "win32" and not shutil.which(cxx):', 'if not shutil.which(cxx):'),
  ("nanoddpo/settings.py", 'if warn and cuda and s.compile == "auto" and blocker:',
   'if warn and cuda and s.compile == "on" and blocker:'),
  ("train.py", 'precision = cli.auto_precision(device) if s.precision == "auto"',

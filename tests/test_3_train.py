@@ -785,6 +785,12 @@ def test_auto_precision_and_compile_fit_the_gpu(monkeypatch):
         monkeypatch.setenv("CXX", cxx) if cxx else monkeypatch.delenv("CXX", raising=False)
         assert (cli.compile_blocker("cpu") is not None) is blocked, (compilers, cxx)
         assert cli.auto_compile("cpu") is False
+    monkeypatch.delenv("CXX", raising=False)
+    for system, compilers, blocked in (("darwin", {"clang++"}, False), ("darwin", {"g++"}, True),
+                                       ("win32", set(), False)):  # a Mac builds with clang++; Windows is not checked
+        monkeypatch.setattr(sys, "platform", system)
+        installed.clear(), installed.update(compilers)
+        assert (cli.compile_blocker("cpu") is not None) is blocked, (system, compilers)
     # the context the models run in: autocast to that precision on that device, nothing at all for fp32
     assert isinstance(cli.autocast_to("cpu", "fp32"), contextlib.nullcontext)
     with warnings.catch_warnings():
