@@ -1,4 +1,4 @@
-"""Mutation check: does the test suite catch one-line bugs? (opt-in, about 40 minutes on 2 cores)
+"""Mutation check: does the test suite catch one-line bugs? (opt-in, about an hour on 2 cores)
 
 Each entry below is a plausible slip (a sign, a missing factor, an off-by-one, a dropped restore, the wrong
 timestep, a default or a prompt that is not the authors') in diffusion math, RL math, the loop, the rewards or the

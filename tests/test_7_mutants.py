@@ -1,6 +1,6 @@
 """tests/mutants.py, the opt-in mutation check, still fits the code: every planted bug's original text occurs exactly
 once in its file (else it plants nothing and reads as missed, or is silently dropped), and every test it names for a
-file exists. A refactor that changes a line a mutant plants in fails here, in seconds, not 40 minutes later.
+file exists. A refactor that changes a line a mutant plants in fails here, in seconds, not an hour later.
 
     python -m pytest -q tests/test_7_mutants.py
 """
