@@ -2,12 +2,13 @@
 Compare checkpoints: render the base model and fine-tuned checkpoints on the same prompts and seeds into one PNG grid
 (a row per checkpoint, a column per prompt and seed), and print each checkpoint's mean reward.
 
-    python sample.py                                   # base model + latest checkpoint of the newest run under runs/
+    python sample.py                                   # base + the newest run's latest checkpoint, scored with its reward
     python sample.py --reward jpeg --per-prompt 2      # score every image; two seeds per prompt
     python sample.py --ckpt base runs/x/checkpoints/step_100 --prompts "a cat" "a dog" --steps 20
 
 The base model is --model, else the one the checkpoints were trained on, else weights/stable-diffusion-v1-4 when
-present, else the bundled weights/tiny. DDIM steps, eta and guidance default to what the checkpoints were trained with.
+present, else the bundled weights/tiny. DDIM steps, eta, guidance and the reward that scores the rows default to what
+the checkpoints were trained with.
 """
 import argparse
 import copy
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoddpo.cli import (IMAGE_SUFFIXES, Parser, auto_precision, autocast_to, check_device, check_output,
-                          keep_freed_memory, need, number, run)
+from nanoddpo.cli import (IMAGE_SUFFIXES, Parser, UsageError, auto_precision, autocast_to, check_device,
+                          check_output, keep_freed_memory, need, number, run)
 from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, readable, trained_base
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
@@ -44,7 +45,8 @@ parser.add_argument("--guidance", type=number(float), help="classifier-free guid
                     "checkpoints were trained with, else 5")
 parser.add_argument("--reward", nargs="+", help=f"score every image with each of these rewards ({', '.join(REWARDS)}, "
                     "or your own path/to/file.py:function); each row's mean is printed, and its paired difference "
-                    "from the base row +- its standard error")
+                    "from the base row +- its standard error. Default: the reward the checkpoints were trained on; "
+                    "none: no scores")
 parser.add_argument("--scores", help="also write every image's scores to this JSON file")
 parser.add_argument("--out", default="runs/compare.png", help="where to write the grid")
 parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
@@ -99,13 +101,21 @@ def main(args):
         print(f"DDIM steps {args.steps}, eta {args.eta}, guidance {args.guidance}: {why}; --steps, --eta and --guidance "
               f"to change")
     prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
-    for name in args.reward or []:  # before the model loads
+    if args.reward is None and (own := trained(ckpts, "reward", None)):  # by default, what the checkpoints learned
+        try:
+            check_reward(own, prompts)
+            args.reward = [own]
+            print(f"reward: {own}, as the checkpoints were trained; --reward to choose others, --reward none for none")
+        except UsageError as err:  # not asked for: say why and go on without it
+            print(f"not scored with {own}, the checkpoints' reward: {err}")
+    args.reward = [] if args.reward in (None, ["none"]) else args.reward
+    for name in args.reward:  # before the model loads
         check_reward(name, prompts)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages instead of faulting in fresh ones (cli.py)
     sd = StableDiffusion.from_pretrained(args.model, device=device)
-    reward_fns = {name: get_reward(name) for name in args.reward or []}
+    reward_fns = {name: get_reward(name) for name in args.reward}
     autocast = autocast_to(sd.device, auto_precision(sd.device))  # fp32 on a CPU: none
     # every column is one (prompt, seed) pair, rendered identically in every row
     column_prompts = [p for p in prompts for _ in seeds]

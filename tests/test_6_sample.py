@@ -136,6 +136,35 @@ def test_defaults_are_what_the_checkpoints_were_trained_with(tmp_path, tiny_mode
                     (str(tiny_model_dir), 10, 0.5, 7.0)]
 
 
+def test_rows_are_scored_with_the_reward_the_checkpoints_learned(workdir, tiny_model_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Without --reward, the rows are scored with the reward the checkpoints were trained on (their settings), paired
+    against the base; --reward none scores nothing; checkpoints that disagree choose none; and a reward of theirs that
+    cannot score here (its file since moved) is one line, and the grid is still drawn."""
+    monkeypatch.chdir(tmp_path)
+    script = load_sample_script()
+    for run, reward in [("jpeg_run", "jpeg"), ("moved_run", "gone.py:score")]:
+        folder = tmp_path / run / "checkpoints" / "step_1"
+        shutil.copytree(workdir / "runs/demo/checkpoints/step_2", folder)
+        state = json.loads((folder / "state.json").read_text())
+        (folder / "state.json").write_text(json.dumps({**state, "settings": {"reward": reward}}))
+
+    def main(*args):
+        script.main(script.parser.parse_args(["--model", str(tiny_model_dir), "--steps", "2", "--prompts", "a cat",
+                                              "--per-prompt", "2", "--out", "scored.png", "--ckpt", *args]))
+        return capsys.readouterr().out
+
+    out = main("base", "jpeg_run")
+    assert "reward: jpeg, as the checkpoints were trained" in out
+    assert "base: mean jpeg reward" in out and "paired against base" in out.split("jpeg_run/checkpoints/step_1: ")[1]
+    scored = main("base", "jpeg_run", "--reward", "jpeg-incompressibility")  # a reward given replaces theirs
+    assert "mean jpeg-incompressibility reward" in scored and "mean jpeg reward" not in scored
+    for args in [("base", "jpeg_run", "--reward", "none"), ("base", "jpeg_run", "moved_run"), ("base",)]:
+        assert "mean" not in main(*args)
+    out = main("base", "moved_run")
+    assert "not scored with gone.py:score, the checkpoints' reward: " in out and "wrote scored.png" in out
+
+
 def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     sd = StableDiffusion.from_pretrained(tiny_model_dir)
     state = sd.unet.state_dict()
