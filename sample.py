@@ -7,8 +7,8 @@ Compare checkpoints: render the base model and fine-tuned checkpoints on the sam
     python sample.py --ckpt base runs/x/checkpoints/step_100 --prompts "a cat" "a dog" --steps 20
 
 The base model is --model, else the one the checkpoints were trained on, else weights/stable-diffusion-v1-4 when
-present, else the bundled weights/tiny. DDIM steps, eta, guidance and the reward that scores the rows default to what
-the checkpoints were trained with.
+present, else the bundled weights/tiny. The prompts, DDIM steps, eta, guidance and the reward that scores the rows
+default to what the checkpoints were trained with.
 """
 import argparse
 import copy
@@ -33,7 +33,8 @@ parser.add_argument("--ckpt", nargs="+", help="checkpoint folders or run folders
 parser.add_argument("--model", help="base model: a folder in the published SD layout, or a single-file SD 1.x "
                     ".safetensors checkpoint. Default: the one the checkpoints were trained on, else "
                     "weights/stable-diffusion-v1-4 if downloaded, else weights/tiny")
-parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the model's prompts.json, else 4 animals")
+parser.add_argument("--prompts", nargs="+", help="default: 4 spread over the prompts the checkpoints were trained on, "
+                    "else over the model's prompts.json, else 4 animals")
 parser.add_argument("--per-prompt", type=number(int), default=1, help="images per prompt, with seeds 0 .. per-prompt - 1")
 parser.add_argument("--seeds", nargs="+", type=number(int), help="the seeds of each prompt's images instead (one image each); "
                     "the same seeds in every row")
@@ -100,7 +101,13 @@ def main(args):
             "as the checkpoints were trained (else 50, 1, 5)"
         print(f"DDIM steps {args.steps}, eta {args.eta}, guidance {args.guidance}: {why}; --steps, --eta and --guidance "
               f"to change")
-    prompts = args.prompts or spread(load_prompts("", args.model)[0], 4)  # the model's prompts.json, else animals
+    prompts = args.prompts
+    if not prompts:  # 4 spread over the prompts the checkpoints learned on ("": the model's prompts.json, else animals)
+        try:
+            prompts = spread(load_prompts(trained(ckpts, "prompts", ""), args.model)[0], 4)
+        except UsageError as err:  # their prompt file has moved: say so, and take the model's own
+            print(f"not the checkpoints' prompts: {err}; the model's own instead")
+            prompts = spread(load_prompts("", args.model)[0], 4)
     if args.reward is None and (own := trained(ckpts, "reward", None)):  # by default, what the checkpoints learned
         try:
             check_reward(own, prompts)

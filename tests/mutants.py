@@ -289,6 +289,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("sample.py", 'trained(ckpts, "num_steps", 50)', 'trained(ckpts, "num_steps", 20)'),
  ("sample.py", "diff.std(ddof=1)", "diff.std()"),
  ("sample.py", 'diff = r - scores[name]["base"]', 'diff = scores[name]["base"] - r'),
+ ("sample.py", 'load_prompts(trained(ckpts, "prompts", ""), args.model)', 'load_prompts("", args.model)'),
  ("sample.py", 'and (own := trained(ckpts, "reward", None)):', 'and (own := None):'),
  ("sample.py", 'args.reward = [] if args.reward in (None, ["none"]) else args.reward', 'args.reward = args.reward or []'),
  ("sample.py", "            args.reward = [own]\n", ""),

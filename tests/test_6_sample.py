@@ -165,6 +165,30 @@ def test_rows_are_scored_with_the_reward_the_checkpoints_learned(workdir, tiny_m
     assert "not scored with gone.py:score, the checkpoints' reward: " in out and "wrote scored.png" in out
 
 
+def test_default_prompts_are_those_the_checkpoints_learned_on(tmp_path, tiny_model_dir, capsys):
+    """An SD run on imagenet_animals is compared on 4 of those animals, not on the model's own prompts; a run on the
+    model's own prompts ("") on those; and a run whose prompt file has since moved, on the model's, with a line."""
+    from nanoddpo.prompts import imagenet_animals
+    model, own = tmp_path / "model", [f"a cat number {i}" for i in range(8)]
+    shutil.copytree(tiny_model_dir, model)
+    (model / "prompts.json").write_text(json.dumps(own))
+    script = load_sample_script()
+    drawn = []
+    def recording(sd, prompts, seeds, **kw):
+        drawn.append(prompts)
+        raise SystemExit(0)
+    script.sample = recording
+    for name, spec in [("set", "imagenet_animals"), ("own", ""), ("moved", str(tmp_path / "gone.txt"))]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps({"settings": {"prompts": spec}}))
+        with pytest.raises(SystemExit):
+            script.main(script.parser.parse_args(["--model", str(model), "--ckpt", "base", str(tmp_path / name),
+                                                  "--out", str(tmp_path / "x.png")]))
+    assert drawn[0] == imagenet_animals()[::99][:4]  # tench, goose, standard schnauzer, sloth bear: 4 of the 398
+    assert drawn[1] == drawn[2] == ["a cat number 0", "a cat number 2", "a cat number 4", "a cat number 6"]
+    assert f"not the checkpoints' prompts: prompts '{tmp_path / 'gone.txt'}' is neither a file" in capsys.readouterr().out
+
+
 def test_checkpoint_of_another_base_model_is_refused(workdir, tiny_model_dir):
     sd = StableDiffusion.from_pretrained(tiny_model_dir)
     state = sd.unet.state_dict()
