@@ -20,7 +20,7 @@ import torch
 
 from nanoddpo.cli import (IMAGE_SUFFIXES, Parser, UsageError, auto_precision, autocast_to, check_device,
                           check_output, keep_freed_memory, need, number, run)
-from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, readable, trained_base
+from nanoddpo.checkpoint import apply_checkpoint, checkpoints_of, latest_run_checkpoint, trained, trained_base
 from nanoddpo.ddim import sample
 from nanoddpo.images import grid, to_uint8
 from nanoddpo.model import StableDiffusion, resolve_model
@@ -53,20 +53,6 @@ parser.add_argument("--out", default="runs/compare.png", help="where to write th
 parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
 parser.add_argument("--batch-size", type=number(int), default=8, help="images per sampling batch (the images do not "
                     "depend on it: each has its own seed)")
-
-
-def trained(ckpts, key, otherwise):
-    """What the checkpoints' state.json say for `key` ("base_model", or a setting: "num_steps", "eta", "guidance_scale")
-    if they agree, else `otherwise`: a policy is best compared as it learned, on its base model, at its DDIM steps, eta
-    and guidance (the guided eps is the policy)."""
-    values = set()
-    for c in ckpts:
-        if (Path(c) / "state.json").is_file():
-            with readable(c):  # a damaged state.json: one line naming the checkpoint
-                state = json.loads((Path(c) / "state.json").read_text())
-                values.add(state.get(key, state.get("settings", {}).get(key)))
-    values -= {None}
-    return values.pop() if len(values) == 1 else otherwise
 
 
 def main(args):

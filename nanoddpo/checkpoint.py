@@ -96,6 +96,20 @@ def trained_base(base, what):
     return base
 
 
+def trained(ckpts, key, otherwise):
+    """What the checkpoints' state.json say for `key` ("base_model", or a setting: "num_steps", "reward", ...) if they
+    agree, else `otherwise`: sample.py compares a policy as it learned, on its base model and prompts, at its DDIM steps,
+    eta and guidance (the guided eps is the policy), scored by its reward."""
+    values = set()
+    for c in ckpts:
+        if (Path(c) / "state.json").is_file():
+            with readable(c):  # a damaged state.json: one line naming the checkpoint
+                state = json.loads((Path(c) / "state.json").read_text())
+                values.add(state.get(key, state.get("settings", {}).get(key)))
+    values -= {None}
+    return values.pop() if len(values) == 1 else otherwise
+
+
 def apply_checkpoint(sd, ckpt):
     """Put a checkpoint's weights into sd.unet (adding LoRA layers for a LoRA checkpoint). Returns its state.json."""
     ckpt = Path(ckpt)

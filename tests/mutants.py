@@ -57,6 +57,7 @@ TESTS = {  # which tests guard which file
                              "kl_penalty_with_lora_reaches_only_the_adapters", "lora_starts_as_diffusers_lora_linear_layer"))],
     "nanoddpo/checkpoint.py": ["tests/test_6_export.py", "tests/test_6_sample.py::test_only_step_folders_are_checkpoints",
                                "tests/test_6_sample.py::test_default_checkpoint_is_the_newest_runs_latest",
+                               "tests/test_6_sample.py::test_defaults_are_what_the_checkpoints_were_trained_with",
                                *(f"tests/test_3_train.py::test_{name}" for name in (
                                    "resume_continues_exactly", "resume_forgets_the_metrics_of_the_epochs_it_reruns",
                                    "checkpoints_keep_the_newest_and_resume_gives_back_the_optimizer_and_rng",
@@ -289,6 +290,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("sample.py", 'trained(ckpts, "num_steps", 50)', 'trained(ckpts, "num_steps", 20)'),
  ("sample.py", "diff.std(ddof=1)", "diff.std()"),
  ("sample.py", 'diff = r - scores[name]["base"]', 'diff = scores[name]["base"] - r'),
+ ("nanoddpo/checkpoint.py", "return values.pop() if len(values) == 1 else otherwise", "return values.pop() if values else otherwise"),
  ("sample.py", 'load_prompts(trained(ckpts, "prompts", ""), args.model)', 'load_prompts("", args.model)'),
  ("sample.py", 'and (own := trained(ckpts, "reward", None)):', 'and (own := None):'),
  ("sample.py", 'args.reward = [] if args.reward in (None, ["none"]) else args.reward', 'args.reward = args.reward or []'),
