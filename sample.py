@@ -94,6 +94,9 @@ def main(args):
         except UsageError as err:  # their prompt file has moved: say so, and take the model's own
             print(f"not the checkpoints' prompts: {err}; the model's own instead")
             prompts = spread(load_prompts("", args.model)[0], 4)
+    args.reward = [] if args.reward == ["none"] else args.reward
+    for name in args.reward or []:  # the rewards asked for, before the model loads
+        check_reward(name, prompts)
     if args.reward is None and (own := trained(ckpts, "reward", None)):  # by default, what the checkpoints learned
         try:
             check_reward(own, prompts)
@@ -101,14 +104,11 @@ def main(args):
             print(f"reward: {own}, as the checkpoints were trained; --reward to choose others, --reward none for none")
         except UsageError as err:  # not asked for: say why and go on without it
             print(f"not scored with {own}, the checkpoints' reward: {err}")
-    args.reward = [] if args.reward in (None, ["none"]) else args.reward
-    for name in args.reward:  # before the model loads
-        check_reward(name, prompts)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     keep_freed_memory(device)  # on a CPU, large tensors reuse freed pages instead of faulting in fresh ones (cli.py)
     sd = StableDiffusion.from_pretrained(args.model, device=device)
-    reward_fns = {name: get_reward(name) for name in args.reward}
+    reward_fns = {name: get_reward(name) for name in args.reward or []}
     autocast = autocast_to(sd.device, auto_precision(sd.device))  # fp32 on a CPU: none
     # every column is one (prompt, seed) pair, rendered identically in every row
     column_prompts = [p for p in prompts for _ in seeds]

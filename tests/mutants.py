@@ -293,7 +293,7 @@ MUTANTS = [  # (file, original text, mutated text); the original must occur exac
  ("nanoddpo/checkpoint.py", "return values.pop() if len(values) == 1 else otherwise", "return values.pop() if values else otherwise"),
  ("sample.py", 'load_prompts(trained(ckpts, "prompts", ""), args.model)', 'load_prompts("", args.model)'),
  ("sample.py", 'and (own := trained(ckpts, "reward", None)):', 'and (own := None):'),
- ("sample.py", 'args.reward = [] if args.reward in (None, ["none"]) else args.reward', 'args.reward = args.reward or []'),
+ ("sample.py", 'args.reward = [] if args.reward == ["none"] else args.reward', 'args.reward = args.reward'),
  ("sample.py", "            args.reward = [own]\n", ""),
  ("nanoddpo/bench.py", "flops = 2 * samples * (forward_flops", "flops = samples * (forward_flops"),
  ("nanoddpo/bench.py", "ms.get(kind_of(e.key), 0.0) + us / 1000", "us / 1000"),
