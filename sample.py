@@ -135,7 +135,7 @@ def main(args):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(scores.values()), None)  # the grid shows the first reward under each image
     grid(rows, row_labels, labels, list(first.values()) if first else None).save(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f", the {next(iter(scores))} reward under each image" if scores else ""))
     if args.scores:
         Path(args.scores).parent.mkdir(parents=True, exist_ok=True)
         every = {name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()}

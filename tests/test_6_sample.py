@@ -159,8 +159,9 @@ def test_rows_are_scored_with_the_reward_the_checkpoints_learned(workdir, tiny_m
     assert "base: mean jpeg reward" in out and "paired against base" in out.split("jpeg_run/checkpoints/step_1: ")[1]
     scored = main("base", "jpeg_run", "--reward", "jpeg-incompressibility")  # a reward given replaces theirs
     assert "mean jpeg-incompressibility reward" in scored and "mean jpeg reward" not in scored
+    assert "wrote scored.png, the jpeg-incompressibility reward under each image" in scored  # the grid's numbers
     for args in [("base", "jpeg_run", "--reward", "none"), ("base", "jpeg_run", "moved_run"), ("base",)]:
-        assert "mean" not in main(*args)
+        assert "mean" not in (out := main(*args)) and "wrote scored.png\n" in out
     out = main("base", "moved_run")
     assert "not scored with gone.py:score, the checkpoints' reward: " in out and "wrote scored.png" in out
 
