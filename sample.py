@@ -133,9 +133,9 @@ def main(args):
     labels = [f"#{s} {p}" if len(seeds) > 1 else p for p, s in zip(column_prompts, column_seeds)]  # seed first: long prompts get cut
     row_labels = [c if c == "base" else f"{Path(c).parent.parent.name}/{Path(c).name}" for c in ckpts]  # run/step_N
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    first = next(iter(scores.values()), None)  # the grid shows the first reward under each image
-    grid(rows, row_labels, labels, list(first.values()) if first else None).save(args.out)
-    print(f"wrote {args.out}" + (f", the {next(iter(scores))} reward under each image" if scores else ""))
+    first = next(iter(scores), None)  # the grid shows the first reward under each image
+    grid(rows, row_labels, labels, list(scores[first].values()) if first else None).save(args.out)
+    print(f"wrote {args.out}" + (f", the {first} reward under each image" if first else ""))
     if args.scores:
         Path(args.scores).parent.mkdir(parents=True, exist_ok=True)
         every = {name: {ckpt: r.tolist() for ckpt, r in rows_of.items()} for name, rows_of in scores.items()}
