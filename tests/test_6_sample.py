@@ -246,6 +246,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
     (["--ckpt", "runs/nope"], "--ckpt runs/nope: no such checkpoint or run folder"),
     (["--ckpt", "base", "runs/demo/checkpoints"], "--ckpt runs/demo/checkpoints: holds no checkpoint: give a run folder"),
     (["--reward", "beauty"], "--reward beauty: choose one of jpeg, jpeg-incompressibility"),  # as train.py says
+    (["--reward", "none", "jpeg"], "--reward none jpeg: none stands alone: no scores"),
     (["--reward", "tinyworld", "--prompts", "a cat"], "1 of 1 prompts are not, e.g. 'a cat'"),
 ]
 
