@@ -6,8 +6,8 @@
 #   OUT=runs/gpu bash docs/gpu_check.sh tb32 tb32+cudnn      # from the repo root, on a machine with one CUDA GPU
 #   OUT=runs/gpu bash docs/gpu_check.sh tb32+autotune        # a second call (a stage alone may use the whole call)
 #
-# A stage is tb16 (sampling batch 16, train batch 16) or tb32 (both 32), one batch an epoch, one optimizer step an
-# epoch, with any of these knobs joined by +:
+# A stage is tb16 (sampling batch 16, train batch 16), tb32 or tb48 (both 32, both 48), one batch an epoch, one
+# optimizer step an epoch, with any of these knobs joined by +:
 #   cudnn   torch.backends.cudnn.benchmark = True: cuDNN times its algorithms for each conv shape once and keeps the
 #           fastest, instead of choosing by heuristics; the shapes never change in a run. It changes no compiled graph,
 #           so after a stage without it, inductor's caches make the compile about a minute instead of 3.5;
@@ -19,10 +19,11 @@
 #   autotune torch.compile(mode="max-autotune-no-cudagraphs"): inductor times Triton templates against cuBLAS and
 #           cuDNN for every matmul and conv shape and keeps the fastest (CUDA graphs stay off: pytorch/pytorch#169545).
 #           Its compile is far longer (unfinished after 4-5 minutes on the second H100); run it alone in a call.
-# Measured (docs/RESULTS.md, "The first lent H100" and "The second lent H100"): tb16 3,750 trajectories per H100-hour,
-# tb32 3,917; cudnn and nhwc+mm1x1 no gain; autotune's compile did not finish in the 4-5 minutes a call had left (it
-# times 17 Triton templates for each conv shape, 8.5-14 s a shape). The target is 4,500. No knob here is left to try
-# but autotune, which wants a machine held longer than a lent GPU's 15 minutes.
+# Measured (docs/RESULTS.md, "The first lent H100" to "The third lent H100"): tb16 3,750 trajectories per H100-hour,
+# tb32 3,880-3,917, tb48 3,937 (62.8 GB; 1.5% over tb32 on the same machine); cudnn and nhwc+mm1x1 no gain;
+# autotune's compile did not finish in the 4-5 minutes a call had left (it times 17 Triton templates for each conv
+# shape, 8.5-14 s a shape). The target is 4,500. No knob here is left to try but autotune, which wants a machine held
+# longer than a lent GPU's 15 minutes.
 # Epoch 0 compiles (about 3.5 minutes cold); epoch 1 is the throughput. Each stage has its own time limit, so one slow
 # stage cannot eat the other; logs and metrics land in $OUT.
 set -u
@@ -73,7 +74,8 @@ for run in $RUNS; do
     case $size in
         tb16) batch=16 ;;
         tb32) batch=32 ;;
-        *) echo "gpu_check.sh: unknown stage $run (tb16 or tb32, then +cudnn, +nhwc, +mm1x1, +autotune)"; exit 1 ;;
+        tb48) batch=48 ;;  # about 63 GB at train batch 48, by the 1.26 GB a trajectory from 16 to 32
+        *) echo "gpu_check.sh: unknown stage $run (tb16, tb32 or tb48, then +cudnn, +nhwc, +mm1x1, +autotune)"; exit 1 ;;
     esac
     for knob in ${knobs//+/ }; do
         [[ $knob =~ ^(cudnn|nhwc|mm1x1|autotune)$ ]] ||
