@@ -95,8 +95,8 @@ def main(args):
             print(f"not the checkpoints' prompts: {err}; the model's own instead")
             prompts = spread(load_prompts("", args.model)[0], 4)
     args.reward = [] if args.reward == ["none"] else args.reward
-    need("none" not in (args.reward or []), "reward", " ".join(args.reward or []), "none stands alone: no scores")
     for name in args.reward or []:  # the rewards asked for, before the model loads
+        need(name != "none", "reward", " ".join(args.reward), "none stands alone: no scores")
         check_reward(name, prompts)
     if args.reward is None and (own := trained(ckpts, "reward", None)):  # by default, what the checkpoints learned
         try:
