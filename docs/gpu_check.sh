@@ -6,7 +6,7 @@
 #   OUT=runs/gpu bash docs/gpu_check.sh tb32 tb32+cudnn      # from the repo root, on a machine with one CUDA GPU
 #   OUT=runs/gpu bash docs/gpu_check.sh tb32+autotune        # a second call (a stage alone may use the whole call)
 #
-# A stage is tb16 (sampling batch 16, train batch 16), tb32 or tb48 (both 32, both 48), one batch an epoch, one
+# A stage is tb16 (sampling batch 16, train batch 16), tb32, tb48 or tb64 (both 32, 48, 64), one batch an epoch, one
 # optimizer step an epoch, with any of these knobs joined by +:
 #   cudnn   torch.backends.cudnn.benchmark = True: cuDNN times its algorithms for each conv shape once and keeps the
 #           fastest, instead of choosing by heuristics; the shapes never change in a run. It changes no compiled graph,
@@ -75,7 +75,8 @@ for run in $RUNS; do
         tb16) batch=16 ;;
         tb32) batch=32 ;;
         tb48) batch=48 ;;  # about 63 GB at train batch 48, by the 1.26 GB a trajectory from 16 to 32
-        *) echo "gpu_check.sh: unknown stage $run (tb16, tb32 or tb48, then +cudnn, +nhwc, +mm1x1, +autotune)"; exit 1 ;;
+        tb64) batch=64 ;;  # about 83 GB: an H200 only; 64 a step is the paper's update, with no accumulation
+        *) echo "gpu_check.sh: unknown stage $run (tb16, tb32, tb48 or tb64, then +cudnn, +nhwc, +mm1x1, +autotune)"; exit 1 ;;
     esac
     for knob in ${knobs//+/ }; do
         [[ $knob =~ ^(cudnn|nhwc|mm1x1|autotune)$ ]] ||
