@@ -19,8 +19,9 @@
 #   autotune torch.compile(mode="max-autotune-no-cudagraphs"): inductor times Triton templates against cuBLAS and
 #           cuDNN for every matmul and conv shape and keeps the fastest (CUDA graphs stay off: pytorch/pytorch#169545).
 #           Its compile is far longer (unfinished after 4-5 minutes on the second H100); run it alone in a call.
-# Measured (docs/RESULTS.md, "The first lent H100" to "The third lent H100"): tb16 3,750 trajectories per H100-hour,
-# tb32 3,880-3,917, tb48 3,937 (62.8 GB; 1.5% over tb32 on the same machine); cudnn and nhwc+mm1x1 no gain;
+# Measured (docs/RESULTS.md, "The first lent H100" to "The seventh lent H200"): tb16 3,750 trajectories per H100-hour,
+# tb32 3,880-3,917, tb48 3,937 (62.8 GB; 1.5% over tb32 on the same machine); on an H200, tb32 4,068 and tb64 4,185
+# per H200-hour (83.2 GB; 2.9% over tb32 on the same machine); cudnn and nhwc+mm1x1 no gain;
 # autotune's compile did not finish in the 4-5 minutes a call had left (it times 17 Triton templates for each conv
 # shape, 8.5-14 s a shape). The target is 4,500. No knob here is left to try but autotune, which wants a machine held
 # longer than a lent GPU's 15 minutes.
