@@ -73,10 +73,8 @@ LIMIT=330  # seconds a stage, when there are several; a stage alone may use the 
 for run in $RUNS; do
     IFS=+ read -r size knobs <<< "$run"
     case $size in
-        tb16) batch=16 ;;
-        tb32) batch=32 ;;
-        tb48) batch=48 ;;  # about 63 GB at train batch 48, by the 1.26 GB a trajectory from 16 to 32
-        tb64) batch=64 ;;  # about 83 GB: an H200 only; 64 a step is the paper's update, with no accumulation
+        # peak about 22, 43, 63 and 83 GB (1.26 GB a trajectory); tb64 fits an H200 only, and is the paper's update
+        tb16 | tb32 | tb48 | tb64) batch=${size#tb} ;;
         *) echo "gpu_check.sh: unknown stage $run (tb16, tb32, tb48 or tb64, then +cudnn, +nhwc, +mm1x1, +autotune)"; exit 1 ;;
     esac
     for knob in ${knobs//+/ }; do
