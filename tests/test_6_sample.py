@@ -160,6 +160,13 @@ def test_rows_are_scored_with_the_reward_the_checkpoints_learned(workdir, tiny_m
     scored = main("base", "jpeg_run", "--reward", "jpeg-incompressibility")  # a reward given replaces theirs
     assert "mean jpeg-incompressibility reward" in scored and "mean jpeg reward" not in scored
     assert "wrote scored.png, the jpeg-incompressibility reward under each image" in scored  # the grid's numbers
+    drawn, draw = [], script.grid  # with two rewards, the grid's numbers are the first's, row by row, not the last's
+    monkeypatch.setattr(script, "grid", lambda *a: drawn.append(a[3]) or draw(*a))
+    two = main("base", "jpeg_run", "--reward", "jpeg-incompressibility", "jpeg", "--scores", "scores.json")
+    assert "the jpeg-incompressibility reward under each image" in two
+    every = json.loads(Path("scores.json").read_text())["scores"]
+    assert [list(r) for r in drawn[0]] == list(every["jpeg-incompressibility"].values()) != list(every["jpeg"].values())
+    assert list(every["jpeg"])[0] == "base" and len(drawn[0]) == 2  # one row a checkpoint, in --ckpt order
     for args in [("base", "jpeg_run", "--reward", "none"), ("base", "jpeg_run", "moved_run"), ("base",)]:
         assert "mean" not in (out := main(*args)) and "wrote scored.png\n" in out
     out = main("base", "moved_run")
@@ -247,6 +254,7 @@ BAD_FLAGS = [  # each refused in one line before any model loads
     (["--ckpt", "base", "runs/demo/checkpoints"], "--ckpt runs/demo/checkpoints: holds no checkpoint: give a run folder"),
     (["--reward", "beauty"], "--reward beauty: choose one of jpeg, jpeg-incompressibility"),  # as train.py says
     (["--reward", "none", "jpeg"], "--reward none jpeg: none stands alone: no scores"),
+    (["--reward", "jpeg", "none"], "--reward jpeg none: none stands alone: no scores"),  # not only the first
     (["--reward", "tinyworld", "--prompts", "a cat"], "1 of 1 prompts are not, e.g. 'a cat'"),
 ]
 
